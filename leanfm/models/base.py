@@ -1,0 +1,78 @@
+"""DecoderForCausalLM: embeddings -> blocks -> final norm -> LM head, shared by every family.
+
+A family supplies its block class and a few switches (norm flavour, embedding scale, logit
+soft-capping). Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`), so an
+HF state dict loads without translation and a saved directory loads in transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from leanfm.models.blocks import RMSNorm
+from leanfm.models.config import ModelConfig
+from leanfm.ops.rope import rope_cos_sin, rope_inv_freq
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig, block_cls: type[nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(block_cls(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.is_gemma)
+
+
+class DecoderForCausalLM(nn.Module):
+    block_cls: type[nn.Module]
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config, self.block_cls)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.embed_scale = config.hidden_size**0.5 if config.is_gemma else None
+        # one inverse-frequency table per distinct RoPE base (Gemma 3: local and global)
+        self._layer_theta = [config.layer_rope_theta(i) for i in range(config.num_hidden_layers)]
+        rs = config.rope_scaling
+        self._inv_freq = {}
+        for theta in sorted(set(self._layer_theta)):
+            scaled = rs is not None and not (config.is_gemma and theta == config.rope_local_base_freq
+                                             and theta != config.rope_theta)
+            self._inv_freq[theta] = rope_inv_freq(
+                config.head_dim, theta,
+                scaling_type=rs.rope_type if scaled else "default",
+                factor=rs.factor if scaled else 1.0,
+                low_freq_factor=rs.low_freq_factor if scaled else 1.0,
+                high_freq_factor=rs.high_freq_factor if scaled else 4.0,
+                original_max_positions=rs.original_max_position_embeddings if scaled else 8192,
+            )
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        h = self.model.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        return h
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attn_meta: object | None = None) -> Tensor:
+        """input_ids, positions: (B, T) (positions may be (T,)). Returns hidden states (B, T, hidden)."""
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
+        h = self.embed(input_ids)
+        rope = {theta: rope_cos_sin(positions, f, h.dtype) for theta, f in self._inv_freq.items()}
+        for layer, theta in zip(self.model.layers, self._layer_theta):
+            cos, sin = rope[theta]
+            h = layer(h, cos, sin, positions, attn_meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared tensors are counted once
