@@ -34,21 +34,28 @@ class DecoderForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.embed_scale = config.hidden_size**0.5 if config.is_gemma else None
-        # one inverse-frequency table per distinct RoPE base (Gemma 3: local and global)
-        self._layer_theta = [config.layer_rope_theta(i) for i in range(config.num_hidden_layers)]
+        # one inverse-frequency table per distinct (RoPE base, scaled) pair. Gemma 3 scales only its
+        # global layers; the local (sliding) base is never scaled. Built on the CPU explicitly: under
+        # `torch.device("meta")` (how loaders build models) a meta table could never be computed.
         rs = config.rope_scaling
-        self._inv_freq = {}
-        for theta in sorted(set(self._layer_theta)):
-            scaled = rs is not None and not (config.is_gemma and theta == config.rope_local_base_freq
-                                             and theta != config.rope_theta)
-            self._inv_freq[theta] = rope_inv_freq(
-                config.head_dim, theta,
-                scaling_type=rs.rope_type if scaled else "default",
-                factor=rs.factor if scaled else 1.0,
-                low_freq_factor=rs.low_freq_factor if scaled else 1.0,
-                high_freq_factor=rs.high_freq_factor if scaled else 4.0,
-                original_max_positions=rs.original_max_position_embeddings if scaled else 8192,
-            )
+        self._layer_rope = [self._rope_key(config, i) for i in range(config.num_hidden_layers)]
+        self._inv_freq: dict[tuple[float, bool], Tensor] = {}
+        with torch.device("cpu"):
+            for theta, scaled in sorted(set(self._layer_rope)):
+                self._inv_freq[(theta, scaled)] = rope_inv_freq(
+                    config.head_dim, theta,
+                    scaling_type=rs.rope_type if scaled else "default",
+                    factor=rs.factor if scaled else 1.0,
+                    low_freq_factor=rs.low_freq_factor if scaled else 1.0,
+                    high_freq_factor=rs.high_freq_factor if scaled else 4.0,
+                    original_max_positions=rs.original_max_position_embeddings if scaled else 8192,
+                )
+
+    @staticmethod
+    def _rope_key(config: ModelConfig, i: int) -> tuple[float, bool]:
+        local = config.is_gemma and config.layer_is_sliding(i) and config.rope_local_base_freq is not None
+        scaled = config.rope_scaling is not None and config.rope_scaling.rope_type != "default" and not local
+        return config.layer_rope_theta(i), scaled
 
     def embed(self, input_ids: Tensor) -> Tensor:
         h = self.model.embed_tokens(input_ids)
@@ -61,9 +68,9 @@ class DecoderForCausalLM(nn.Module):
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
         h = self.embed(input_ids)
-        rope = {theta: rope_cos_sin(positions, f, h.dtype) for theta, f in self._inv_freq.items()}
-        for layer, theta in zip(self.model.layers, self._layer_theta):
-            cos, sin = rope[theta]
+        rope = {key: rope_cos_sin(positions, f, h.dtype) for key, f in self._inv_freq.items()}
+        for layer, key in zip(self.model.layers, self._layer_rope, strict=False):
+            cos, sin = rope[key]
             h = layer(h, cos, sin, positions, attn_meta)
         return self.model.norm(h)
 

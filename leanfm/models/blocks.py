@@ -54,8 +54,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = c.attn_scale
         self.softcap = c.attn_logit_softcapping
-        self.window = c.sliding_window if (c.layer_is_sliding(layer_idx) or (
-            not c.layer_types and c.sliding_window)) else None
+        self.window = c.sliding_window if c.layer_is_sliding(layer_idx) else None
         self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
@@ -77,7 +76,7 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
 
         if attn_meta is None:
-            mask = causal_mask(positions, positions[0], self.window) if self.window else None
+            mask = causal_mask(positions, positions, self.window) if self.window else None
             out = attention(q, k, v, self.scale, mask, is_causal=True, softcap=self.softcap)
         elif isinstance(attn_meta, KVCacheMeta):
             k, v, first = attn_meta.write_and_read(self.layer_idx, k, v, self.window)

@@ -99,7 +99,11 @@ class ModelConfig:
         return self.family.startswith("gemma")
 
     def layer_is_sliding(self, i: int) -> bool:
-        return bool(self.layer_types) and self.layer_types[i] == "sliding_attention"
+        """Sliding-window attention on layer i: per `layer_types`, or on every layer when the config
+        gives a window but no per-layer types (Mistral v0.1 style)."""
+        if not self.layer_types:
+            return bool(self.sliding_window)
+        return self.layer_types[i] == "sliding_attention"
 
     def layer_rope_theta(self, i: int) -> float:
         if self.layer_is_sliding(i) and self.rope_local_base_freq is not None:

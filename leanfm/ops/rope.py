@@ -18,7 +18,8 @@ def rope_inv_freq(
     original_max_positions: int = 8192,
 ) -> Tensor:
     """Inverse frequencies (head_dim // 2,), float32, with optional linear or Llama-3 scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # always a real CPU tensor, even under a meta device context
     if scaling_type == "linear":
         return inv_freq / factor
     if scaling_type == "llama3":

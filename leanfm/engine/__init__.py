@@ -1,0 +1,1 @@
+"""Running models: sampling parameters, plain generation, chat (the paged engine comes later)."""

@@ -1,0 +1,69 @@
+"""Pure sampling functions over a batch of logits (B, V). No state, no I/O.
+
+Order of the logit transforms follows Hugging Face's generate: repetition penalty, temperature,
+top-k, top-p, min-p; then a draw from the softmax (or argmax when temperature is 0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL-style penalty: divide positive, multiply negative logits of tokens already seen.
+
+    logits: (B, V) float; seen: (B, V) bool mask of tokens in the prompt or the output so far.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token ids (B,) from logits (B, V). temperature == 0 is greedy."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    logits = min_p_filter(logits, min_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
