@@ -144,3 +144,37 @@ def single_thread():
 def tiny_variant(request) -> str:
     """Parametrizes a test over every tiny variant name."""
     return request.param
+
+
+def make_byte_tokenizer():
+    """A leanfm Tokenizer over bytes: 256 byte-level tokens + <pad> <bos> <eos> <end_of_turn>, BOS prepended,
+    a ChatML-like template. Vocab 260; pair it with make_tiny_model(..., **BYTE_VOCAB)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    from leanfm.checkpoint.gguf_tokenizer import byte_level_alphabet
+    from leanfm.checkpoint.tokenizer import Tokenizer
+
+    alphabet = sorted(byte_level_alphabet().values())
+    specials = ["<pad>", "<bos>", "<eos>", "<end_of_turn>"]
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.add_special_tokens(specials)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<end_of_turn>"
+                "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    return Tokenizer(backend, {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, template)
+
+
+BYTE_VOCAB = dict(vocab_size=260, bos_token_id=1, eos_token_id=(2,), pad_token_id=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An HF directory holding a tiny random gemma3 model with the byte tokenizer (what `--model` takes)."""
+    from leanfm.checkpoint.hf import save_hf_dir
+
+    model = make_tiny_model("gemma3", seed=0, **BYTE_VOCAB)
+    return save_hf_dir(model, tmp_path_factory.mktemp("models") / "tiny-gemma3", tokenizer=make_byte_tokenizer())

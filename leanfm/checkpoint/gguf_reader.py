@@ -284,7 +284,7 @@ def _gemma_fields(m: _Meta, kw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = dict(
         sliding_window=int(m.req("attention.sliding_window")),
         layer_types=tuple("sliding_attention" if s else "full_attention" for s in sliding),
-        query_pre_attn_scalar=float(kw["hidden_size"] // kw["num_attention_heads"] if big else kw["head_dim"]),
+        query_pre_attn_scalar=kw["hidden_size"] // kw["num_attention_heads"] if big else kw["head_dim"],
     )
     if arch == "gemma2":
         out["attn_logit_softcapping"] = m.get("attn_logit_softcapping")

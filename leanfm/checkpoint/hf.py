@@ -221,7 +221,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict[
         hf["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_theta"}
     if fam.startswith("gemma"):
         hf.update(hidden_activation=c.hidden_act, hidden_act=c.hidden_act, attention_bias=False,
-                  query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim, layer_types=types,
+                  query_pre_attn_scalar=_int_if_whole(c.query_pre_attn_scalar or c.head_dim), layer_types=types,
                   sliding_window=c.sliding_window, attn_logit_softcapping=c.attn_logit_softcapping,
                   final_logit_softcapping=c.final_logit_softcapping)
     else:
@@ -396,3 +396,8 @@ def save_hf_dir(model: DecoderForCausalLM, path: str | os.PathLike, tokenizer: A
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _int_if_whole(x: float) -> float | int:
+    """transformers' strict config classes want an int where the value is whole (query_pre_attn_scalar)."""
+    return int(x) if float(x).is_integer() else x

@@ -1,0 +1,211 @@
+"""`leanfm ...`: the command line. Builds configs from flags and calls the Python APIs.
+
+User errors (LeanfmError, bad flags) print one line `error: ...` to stderr and exit with status 1;
+no traceback. Set LEANFM_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from leanfm.utils.errors import LeanfmError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="leanfm: make foundation models cheap to run and adapt.",
+)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="alias, .gguf file or HF directory")]
+ThreadsOpt = Annotated[int, typer.Option(help="CPU threads (0 = torch default)")]
+DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16")]
+SeedOpt = Annotated[int | None, typer.Option(help="random seed for sampling")]
+
+DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16",
+          "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "f16": "float16"}
+
+
+def _setup(threads: int, dtype: str, seed: int | None):
+    import torch
+
+    if dtype not in DTYPES:
+        raise LeanfmError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
+    if threads < 0:
+        raise LeanfmError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return getattr(torch, DTYPES[dtype])
+
+
+def _load(model: str, dtype):
+    from leanfm.checkpoint.loader import load_model
+    from leanfm.engine.runtime import prepare_for_inference
+
+    loaded = load_model(model, dtype=dtype, progress=True)
+    prepare_for_inference(loaded.model)
+    return loaded
+
+
+def _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
+    from leanfm.engine.params import SamplingParams
+
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                              stop=tuple(stop or ()))
+    except ValueError as e:
+        raise LeanfmError(str(e)) from None
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the text to continue")],
+    model: ModelOpt = "gemma-3-270m",
+    max_tokens: Annotated[int, typer.Option(help="new tokens at most")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    top_k: int = 0,
+    top_p: float = 0.95,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    chat_template: Annotated[bool, typer.Option("--chat-template", help="wrap the prompt as a user turn")] = False,
+    stats: Annotated[bool, typer.Option(help="print timing and tokens/s to stderr")] = False,
+    threads: ThreadsOpt = 0,
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = None,
+) -> None:
+    """Continue PROMPT, streaming the text to stdout."""
+    from leanfm.engine.generate import Generator
+
+    torch_dtype = _setup(threads, dtype, seed)
+    params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+    loaded = _load(model, torch_dtype)
+    tok = loaded.tokenizer
+    if chat_template:  # the template writes BOS itself where the model wants one
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(prompt)
+    gen = Generator(loaded.model, tok)
+    result = None
+    for event in gen.stream(ids, params):
+        if event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        result = event.result or result
+    sys.stdout.write("\n")
+    if stats and result is not None:
+        typer.echo(
+            f"[load {loaded.load_seconds:.2f}s | prompt {result.prompt_tokens} tok, first token "
+            f"{result.first_token_seconds * 1e3:.0f} ms | {len(result.token_ids)} tok at "
+            f"{result.decode_tokens_per_second:.1f} tok/s | finish: {result.finish_reason}]",
+            err=True,
+        )
+
+
+@app.command()
+def chat(
+    model: ModelOpt = "gemma-3-270m",
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float = 0.95,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    threads: ThreadsOpt = 0,
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = None,
+) -> None:
+    """Interactive multi-turn chat with the model's chat template. /reset clears, /exit or Ctrl-D quits."""
+    from leanfm.engine.chat import ChatSession
+
+    torch_dtype = _setup(threads, dtype, seed)
+    params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
+    loaded = _load(model, torch_dtype)
+    session = ChatSession(loaded.model, loaded.tokenizer, params, system=system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"leanfm chat with {model} — /reset clears the history, /exit quits", err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            session.reset()
+            continue
+        for piece in session.send(line):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+@app.command()
+def info(model: ModelOpt = "gemma-3-270m", dtype: DtypeOpt = "float32") -> None:
+    """Architecture, parameters and bytes per component, FLOPs per token and KV-cache bytes."""
+    from leanfm.checkpoint.inspect import read_config
+    from leanfm.models.report import format_info
+
+    _setup(0, dtype, None)
+    config, source = read_config(model)
+    typer.echo(format_info(config, DTYPES[dtype], source))
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="alias or .gguf file")],
+    dst: Annotated[str, typer.Argument(help="output Hugging Face directory")],
+    dtype: DtypeOpt = "float32",
+    overwrite: Annotated[bool, typer.Option(help="replace DST if it exists")] = False,
+) -> None:
+    """Convert a GGUF (or any loadable model) into a Hugging Face directory transformers loads."""
+    from leanfm.checkpoint.hf import save_hf_dir
+    from leanfm.checkpoint.loader import load_model
+
+    torch_dtype = _setup(0, dtype, None)
+    loaded = load_model(src, dtype=torch_dtype, progress=True)
+    out = save_hf_dir(loaded.model, dst, tokenizer=loaded.tokenizer, overwrite=overwrite)
+    typer.echo(f"wrote {out}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except LeanfmError as e:
+        _fail(str(e))
+    except FileExistsError as e:
+        _fail(f"{e}; pass --overwrite to replace it")
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("aborted", 130)
+    except typer.TyperException as e:  # usage errors: bad option values, unknown commands
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        _fail(f"{message} (see leanfm --help)", getattr(e, "exit_code", 2))
+    except Exception as e:
+        if os.environ.get("LEANFM_DEBUG"):
+            raise
+        _fail(f"{type(e).__name__}: {e} (set LEANFM_DEBUG=1 for a traceback)")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

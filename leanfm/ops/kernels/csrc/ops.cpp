@@ -1,0 +1,147 @@
+// Torch operators around the skinny GEMM kernels: argument checks, output allocation, threading.
+//
+//   torch.ops.leanfm_kernels.linear_fp32(x, w, bias=None)  x fp32 (..., K), w fp32 (N, K)
+//   torch.ops.leanfm_kernels.linear_bf16(x, w, bias=None)  x fp32 or bf16, w bf16; fp32 accumulate;
+//                                                          output dtype = x dtype
+//   torch.ops.leanfm_kernels.cpu_supported()               AVX2 + FMA present
+//
+// Threads: at::parallel_for (torch's intra-op pool, so torch.set_num_threads applies) over blocks
+// of kRowBlock output columns; each thread gets one contiguous range of weight rows.
+// Meta implementations make the operators traceable by torch.compile.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "kernels.h"
+
+namespace leanfm_kernels {
+
+bool cpu_supported() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+// Don't wake a second thread for less than this many weight bytes.
+constexpr int64_t kMinBytesPerTask = 64 * 1024;
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(N);
+  return shape;
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "leanfm linear: x must have at least 1 dimension");
+  TORCH_CHECK(w.dim() == 2, "leanfm linear: weight must be 2-D (N, K), got ", w.sizes());
+  TORCH_CHECK(x.size(-1) == w.size(1), "leanfm linear: x has ", x.size(-1),
+              " features but weight expects ", w.size(1));
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0),
+                "leanfm linear: bias must have shape (", w.size(0), ",), got ", bias->sizes());
+  }
+}
+
+void check_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && (!bias || bias->device().is_cpu()),
+              "leanfm linear: CPU tensors only");
+  TORCH_CHECK(w.is_contiguous(), "leanfm linear: weight must be contiguous");
+  TORCH_CHECK(cpu_supported(), "leanfm linear: this CPU lacks AVX2/FMA");
+}
+
+int64_t leading_rows(const at::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
+// Runs fn(n0, n1) over [0, N) in contiguous, kRowBlock-aligned ranges, one per thread.
+template <typename Fn>
+void split_columns(int64_t N, int64_t K, int64_t elem_bytes, const Fn& fn) {
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t block_bytes = std::max<int64_t>(1, kRowBlock * K * elem_bytes);
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / block_bytes);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    fn(b0 * kRowBlock, std::min(N, b1 * kRowBlock));
+  });
+}
+
+at::Tensor linear_fp32(const at::Tensor& x_in, const at::Tensor& w,
+                       const std::optional<at::Tensor>& bias_in) {
+  check_args(x_in, w, bias_in);
+  check_cpu(x_in, w, bias_in);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "linear_fp32: x and weight must be float32");
+  const at::Tensor x = x_in.contiguous();
+  std::optional<at::Tensor> bias;
+  if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
+  const int64_t M = leading_rows(x), K = w.size(1), N = w.size(0);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0 || N == 0) return y;
+
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  split_columns(N, K, sizeof(float),
+                [&](int64_t n0, int64_t n1) { skinny_fp32(xp, M, K, wp, bp, yp, N, n0, n1); });
+  return y;
+}
+
+at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w,
+                       const std::optional<at::Tensor>& bias_in) {
+  check_args(x_in, w, bias_in);
+  check_cpu(x_in, w, bias_in);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "linear_bf16: weight must be bfloat16");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "linear_bf16: x must be float32 or bfloat16");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  std::optional<at::Tensor> bias;
+  if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
+  const int64_t M = leading_rows(x), K = w.size(1), N = w.size(0);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());  // fp32; cast at the end if needed
+  if (M > 0 && N > 0) {
+    at::Tensor xp = at::empty({M, K}, x.options());
+    bf16_pack_x(x.data_ptr<float>(), M, K, xp.data_ptr<float>());
+    const float* xpp = xp.data_ptr<float>();
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    split_columns(N, K, 2, [&](int64_t n0, int64_t n1) {
+      skinny_bf16(xpp, M, K, wp, bp, yp, N, n0, n1);
+    });
+  }
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& w,
+                       const std::optional<at::Tensor>& bias) {
+  check_args(x, w, bias);
+  return at::empty(out_shape(x, w.size(0)), x.options());
+}
+
+}  // namespace
+}  // namespace leanfm_kernels
+
+TORCH_LIBRARY(leanfm_kernels, m) {
+  m.def("linear_fp32(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("cpu_supported() -> bool", &leanfm_kernels::cpu_supported);
+}
+
+TORCH_LIBRARY_IMPL(leanfm_kernels, CPU, m) {
+  m.impl("linear_fp32", &leanfm_kernels::linear_fp32);
+  m.impl("linear_bf16", &leanfm_kernels::linear_bf16);
+}
+
+TORCH_LIBRARY_IMPL(leanfm_kernels, Meta, m) {
+  m.impl("linear_fp32", &leanfm_kernels::linear_meta);
+  m.impl("linear_bf16", &leanfm_kernels::linear_meta);
+}
