@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from leanfm.cli_common import DTYPES, DtypeOpt, ModelOpt, ThreadsOpt, load_for_inference, setup_torch
 from leanfm.utils.errors import LeanfmError
 
 app = typer.Typer(
@@ -21,36 +22,7 @@ app = typer.Typer(
     help="leanfm: make foundation models cheap to run and adapt.",
 )
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="alias, .gguf file or HF directory")]
-ThreadsOpt = Annotated[int, typer.Option(help="CPU threads (0 = torch default)")]
-DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16")]
 SeedOpt = Annotated[int | None, typer.Option(help="random seed for sampling")]
-
-DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16",
-          "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "f16": "float16"}
-
-
-def _setup(threads: int, dtype: str, seed: int | None):
-    import torch
-
-    if dtype not in DTYPES:
-        raise LeanfmError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
-    if threads < 0:
-        raise LeanfmError(f"--threads must be >= 0, got {threads}")
-    if threads:
-        torch.set_num_threads(threads)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return getattr(torch, DTYPES[dtype])
-
-
-def _load(model: str, dtype):
-    from leanfm.checkpoint.loader import load_model
-    from leanfm.engine.runtime import prepare_for_inference
-
-    loaded = load_model(model, dtype=dtype, progress=True)
-    prepare_for_inference(loaded.model)
-    return loaded
 
 
 def _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
@@ -84,9 +56,9 @@ def generate(
     """Continue PROMPT, streaming the text to stdout."""
     from leanfm.engine.generate import Generator
 
-    torch_dtype = _setup(threads, dtype, seed)
+    torch_dtype, _ = setup_torch(threads, dtype, seed)
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    loaded = _load(model, torch_dtype)
+    loaded = load_for_inference(model, torch_dtype)
     tok = loaded.tokenizer
     if chat_template:  # the template writes BOS itself where the model wants one
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -127,9 +99,9 @@ def chat(
     """Interactive multi-turn chat with the model's chat template. /reset clears, /exit or Ctrl-D quits."""
     from leanfm.engine.chat import ChatSession
 
-    torch_dtype = _setup(threads, dtype, seed)
+    torch_dtype, _ = setup_torch(threads, dtype, seed)
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
-    loaded = _load(model, torch_dtype)
+    loaded = load_for_inference(model, torch_dtype)
     session = ChatSession(loaded.model, loaded.tokenizer, params, system=system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -160,7 +132,7 @@ def info(model: ModelOpt = "gemma-3-270m", dtype: DtypeOpt = "float32") -> None:
     from leanfm.checkpoint.inspect import read_config
     from leanfm.models.report import format_info
 
-    _setup(0, dtype, None)
+    setup_torch(0, dtype, None)
     config, source = read_config(model)
     typer.echo(format_info(config, DTYPES[dtype], source))
 
@@ -176,10 +148,21 @@ def convert(
     from leanfm.checkpoint.hf import save_hf_dir
     from leanfm.checkpoint.loader import load_model
 
-    torch_dtype = _setup(0, dtype, None)
+    torch_dtype, _ = setup_torch(0, dtype, None)
     loaded = load_model(src, dtype=torch_dtype, progress=True)
     out = save_hf_dir(loaded.model, dst, tokenizer=loaded.tokenizer, overwrite=overwrite)
     typer.echo(f"wrote {out}")
+
+
+def _register_measure_commands() -> None:
+    from leanfm.bench.commands import bench_cmd, eval_cmd, report_cmd
+
+    app.command("eval", help=eval_cmd.__doc__)(eval_cmd)
+    app.command("bench", help=bench_cmd.__doc__)(bench_cmd)
+    app.command("report", help=report_cmd.__doc__)(report_cmd)
+
+
+_register_measure_commands()
 
 
 def main() -> None:
