@@ -18,9 +18,7 @@ The metadata is read with a small header parser: `gguf.GGUFReader` builds a nump
 from __future__ import annotations
 
 import functools
-import mmap
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +27,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
+from leanfm.checkpoint.gguf_file import open_gguf
 from leanfm.utils.errors import CheckpointError
 
 SUPPORTED_MODELS = ("llama", "gpt2")
@@ -77,57 +76,11 @@ class GGUFTokenizerSpec:
 
 
 # ---------------------------------------------------------------- metadata
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-          12: "<f8"}
-STRING, ARRAY = 8, 9
-
-
-def _read_string(buf: mmap.mmap, off: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, off)
-    return buf[off + 8:off + 8 + n].decode("utf-8", errors="replace"), off + 8 + n
-
-
-def _read_value(buf: mmap.mmap, off: int, vtype: int) -> tuple[Any, int]:
-    if vtype == STRING:
-        return _read_string(buf, off)
-    if vtype in _SCALAR:
-        return struct.unpack_from(_SCALAR[vtype], buf, off)[0], off + struct.calcsize(_SCALAR[vtype])
-    if vtype != ARRAY:
-        raise ValueError(f"unknown metadata value type {vtype}")
-    etype, count = struct.unpack_from("<IQ", buf, off)
-    off += 12
-    if etype in _NUMPY:
-        arr = np.frombuffer(buf, dtype=_NUMPY[etype], count=count, offset=off)
-        return arr.tolist(), off + arr.nbytes
-    items = []
-    for _ in range(count):
-        item, off = _read_value(buf, off, etype)
-        items.append(item)
-    return items, off
-
-
 def read_gguf_metadata(path: str | os.PathLike[str], prefixes: tuple[str, ...] = ("general.", "tokenizer.")
                        ) -> dict[str, Any]:
-    """The metadata key/values of a GGUF (v2/v3) file whose keys start with one of `prefixes`."""
-    try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise CheckpointError(f"{path} is not a GGUF file (bad magic); pass a .gguf model file")
-            version, _, n_kv = struct.unpack_from("<IQQ", buf, 4)
-            if version not in (2, 3):
-                raise CheckpointError(f"{path} is GGUF version {version}; only v2/v3 are supported, re-convert it")
-            meta, off = {}, 24
-            for _ in range(n_kv):
-                key, off = _read_string(buf, off)
-                (vtype,) = struct.unpack_from("<I", buf, off)
-                value, off = _read_value(buf, off + 4, vtype)
-                if key.startswith(prefixes):
-                    meta[key] = value
-            return meta
-    except (OSError, ValueError, struct.error, IndexError) as exc:
-        raise CheckpointError(f"cannot read GGUF metadata from {path} ({exc}); check the file is a complete "
-                              f"download") from exc
+    """The metadata key/values of a GGUF (v2/v3) file whose keys start with one of `prefixes` (arrays as lists)."""
+    fields = open_gguf(path).fields
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in fields.items() if k.startswith(prefixes)}
 
 
 def _metadata_from_reader(reader: Any) -> dict[str, Any]:
