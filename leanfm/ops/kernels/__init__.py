@@ -2,14 +2,15 @@
 
 At batch 1 a linear layer is a matrix-vector product: it reads every weight once and does two flops
 per weight, so its speed is the memory bandwidth it reaches. Stock PyTorch reaches about half of the
-DRAM bandwidth here; the C++ kernels in csrc/ (AVX2 + FMA, see skinny_fp32.cpp for the blocking)
+DRAM bandwidth here; the C++ kernels in csrc/ (AVX2 + FMA; blocking scheme in csrc/blocking.h)
 reach most of it.
 
     from leanfm.ops.kernels import linear
     y = linear(x, weight, bias)        # same contract as F.linear
 
 `linear` uses a kernel when all of these hold, else it calls F.linear:
-  * LEANFM_KERNELS is not "0" (read once; see reload_settings), and the library built (first use; see _build.py) on an AVX2 CPU;
+  * LEANFM_KERNELS is not "0" (read once, see reload_settings), and the library built (on first
+    use, see _build.py) on a CPU with AVX2 + FMA;
   * x and weight on the CPU, weight contiguous, no autograd needed (grad mode off, or nothing
     requires grad);
   * dtypes: fp32 x with fp32 weight, or bf16 weight with fp32 or bf16 x (fp32 accumulation);
@@ -49,10 +50,11 @@ _ops: dict[torch.dtype, object] | None = None  # weight dtype -> torch op, {} if
 def reload_settings() -> None:
     """Re-read LEANFM_KERNELS and LEANFM_KERNELS_MAX_ROWS (they are cached after the first call)."""
     global _settings
-    _settings = (
-        os.environ.get("LEANFM_KERNELS", "1") != "0",
-        int(os.environ.get("LEANFM_KERNELS_MAX_ROWS", DEFAULT_MAX_ROWS)),
-    )
+    try:
+        rows = int(os.environ.get("LEANFM_KERNELS_MAX_ROWS", DEFAULT_MAX_ROWS))
+    except ValueError:
+        rows = DEFAULT_MAX_ROWS
+    _settings = (os.environ.get("LEANFM_KERNELS", "1") != "0", rows)
 
 
 def kernels_enabled() -> bool:
@@ -69,6 +71,7 @@ def max_rows() -> int:
     return _settings[1]
 
 
+@torch.compiler.disable  # file locks and compilers are nothing for dynamo to trace
 def _kernel_ops() -> dict[torch.dtype, object]:
     global _ops
     if _ops is None:
@@ -128,7 +131,7 @@ def _kernel_for(x: Tensor, weight: Tensor, bias: Tensor | None):
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return None
-    return _kernel_ops().get(wdt)
+    return (_ops if _ops is not None else _kernel_ops()).get(wdt)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

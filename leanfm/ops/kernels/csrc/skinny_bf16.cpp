@@ -35,17 +35,18 @@ inline float bf16_to_float(uint16_t v) {
 
 struct TileBF16 {
   // acc[m][r] += dot(16 bf16 weights of row r at w, reordered x chunk of row m at x), m < MB.
+  // Even elements of all R rows first, then odd ones (the second load of each row hits L1): at
+  // most MB x vectors are live, so the 2x4 tile fits in registers.
   template <int R, int MB>
   static inline void step16(const uint16_t* w, const float* x, int64_t K, __m256 (&acc)[MB][R]) {
-    for (int r = 0; r < R; ++r) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K));
-      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536)));
-      for (int m = 0; m < MB; ++m) {
-        acc[m][r] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x + m * K), acc[m][r]);
-        acc[m][r] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + m * K + 8), acc[m][r]);
+    for (int odd = 0; odd < 2; ++odd)
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K));
+        const __m256 wv = _mm256_castsi256_ps(odd ? _mm256_and_si256(v, _mm256_set1_epi32(-65536))
+                                                  : _mm256_slli_epi32(v, 16));
+        for (int m = 0; m < MB; ++m)
+          acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + 8 * odd), acc[m][r]);
       }
-    }
   }
 
   template <int R, int MB>

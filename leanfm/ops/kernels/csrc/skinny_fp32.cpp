@@ -2,7 +2,7 @@
 // The blocking over rows of w and x is in blocking.h; this file is the register tile.
 //
 // Tile (R weight rows x MB x rows): for k in steps of 16 floats (one 64-byte line per weight row)
-//     acc[m][r] += w[r][k:k+8] * x[m][k:k+8] + w[r][k+8:k+16] * x[m][k+8:k+16]
+//     acc[m][r] += w[r][k:k+8] * x[m][k:k+8];  acc[m][r] += w[r][k+8:k+16] * x[m][k+8:k+16]
 // then one 8-wide step if K % 16 >= 8, then a masked load for the last K % 8 elements (masked
 // lanes load as 0.0f and add nothing).
 #include <immintrin.h>
@@ -33,15 +33,16 @@ struct TileF32 {
 
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-      for (int r = 0; r < R; ++r) {
-        if (next) _mm_prefetch(reinterpret_cast<const char*>(next + r * K + k), _MM_HINT_T0);
-        const __m256 w0 = _mm256_loadu_ps(w + r * K + k);
-        const __m256 w1 = _mm256_loadu_ps(w + r * K + k + 8);
-        for (int m = 0; m < MB; ++m) {
-          acc[m][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][r]);
-          acc[m][r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][r]);
+      if (next)
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(next + r * K + k), _MM_HINT_T0);
+      // both 8-float halves of the line, half-major: at most MB x vectors live (no spills at 2x4)
+      for (int h = 0; h < 16; h += 8)
+        for (int r = 0; r < R; ++r) {
+          const __m256 wv = _mm256_loadu_ps(w + r * K + k + h);
+          for (int m = 0; m < MB; ++m)
+            acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + h), acc[m][r]);
         }
-      }
     }
     if (k + 8 <= K) {
       for (int r = 0; r < R; ++r) {
