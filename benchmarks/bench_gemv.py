@@ -1,0 +1,142 @@
+"""Decode-time linear layers of Gemma 3 270M: torch F.linear vs the leanfm C++ kernels.
+
+    python benchmarks/bench_gemv.py [--threads 2] [--rows 1] [--dtypes fp32,bf16] [--rounds 7]
+
+For each (out, in) shape the weights are many fresh copies (>= --pool-mb per shape, well past the
+32 MB L3), visited round-robin, so every call streams its weights from DRAM as in a real model
+whose ~1 GB of weights cannot stay in cache. Torch and leanfm runs are interleaved round by round
+and the median (or --stat min) is reported, since a shared machine's bandwidth drifts over
+seconds; --wait-idle waits for the other processes to go quiet before each timed pass.
+
+GB/s counts weight bytes only. The "per token" row sums the shapes as one decode step of the real
+model (18 layers x q,k,v,o,gate,up,down + the LM head) and gives the linear-layer-only token rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from leanfm.ops import kernels
+
+# name, out_features, in_features, uses per token (Gemma 3 270M: 18 layers, tied 262144-token head)
+SHAPES = [
+    ("q_proj", 1024, 640, 18),
+    ("k_proj", 256, 640, 18),
+    ("v_proj", 256, 640, 18),
+    ("o_proj", 640, 1024, 18),
+    ("gate_proj", 2048, 640, 18),
+    ("up_proj", 2048, 640, 18),
+    ("down_proj", 640, 2048, 18),
+    ("lm_head", 262144, 640, 1),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_pool(n: int, k: int, dtype: torch.dtype, pool_mb: float) -> list[torch.Tensor]:
+    per = n * k * torch.finfo(dtype).bits // 8
+    count = max(2, int(pool_mb * 2**20 // per) + 1)
+    return [torch.randn(n, k).to(dtype) for _ in range(count)]
+
+
+def _cpu_idle_fraction(dt: float = 0.2) -> float:
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:9]]
+        return v[3] + v[4], sum(v)
+
+    i0, t0 = read()
+    time.sleep(dt)
+    i1, t1 = read()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_idle(timeout: float) -> None:
+    """On a shared machine: wait (up to timeout s) until the CPUs are >= 85% idle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if _cpu_idle_fraction() >= 0.85:
+                return
+        except OSError:
+            return
+
+
+def time_pass(fn, x: torch.Tensor, pool: list[torch.Tensor], idle_wait: float = 0.0) -> float:
+    """Seconds per call, one call per weight copy."""
+    if idle_wait:
+        wait_idle(idle_wait)
+    t0 = time.perf_counter()
+    for w in pool:
+        fn(x, w)
+    return (time.perf_counter() - t0) / len(pool)
+
+
+def bench_shape(n, k, dtype, rows, rounds, pool_mb, idle_wait, stat):
+    pool = make_pool(n, k, dtype, pool_mb)
+    x = torch.randn(rows, k).to(dtype)
+    impls = {"torch": F.linear, "leanfm": kernels.linear}
+    for fn in impls.values():  # warm-up: page-in, thread pool start, library load
+        time_pass(fn, x, pool[:2])
+    times = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            times[name].append(time_pass(fn, x, pool, idle_wait))
+    out = {}
+    for name, ts in times.items():
+        t = statistics.median(ts) if stat == "median" else min(ts)
+        out[name] = (t, n * k * pool[0].element_size() / t / 1e9)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (batch * new tokens)")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--pool-mb", type=float, default=320.0, help="weight copies per shape, MB")
+    ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
+    ap.add_argument("--stat", choices=["median", "min"], default="median")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="shared machine: before each pass wait up to S s for the CPUs to go idle")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    ok = kernels.warmup()
+    print(f"leanfm kernels: {'ok' if ok else 'UNAVAILABLE'} (load {time.perf_counter() - t0:.2f} s) "
+          f"{kernels.status().get('error') or ''}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rows {args.rows}, "
+          f"{torch.backends.cpu.get_cpu_capability()}, {args.stat} of {args.rounds} rounds")
+    wanted = set(filter(None, args.shapes.split(",")))
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        print(f"\n{dname}: {'shape':>10} {'(out, in)':>14} | {'torch ms':>9} {'GB/s':>6} | "
+              f"{'leanfm ms':>9} {'GB/s':>6} | speedup")
+        tok = {"torch": 0.0, "leanfm": 0.0}
+        nbytes = 0
+        for name, n, k, uses in SHAPES:
+            if wanted and name not in wanted:
+                continue
+            r = bench_shape(n, k, dtype, args.rows, args.rounds, args.pool_mb, args.wait_idle, args.stat)
+            (tt, tg), (lt, lg) = r["torch"], r["leanfm"]
+            print(f"{dname}: {name:>10} {f'({n}, {k})':>14} | {tt * 1e3:9.3f} {tg:6.1f} | "
+                  f"{lt * 1e3:9.3f} {lg:6.1f} | {tt / lt:5.2f}x")
+            tok["torch"] += tt * uses
+            tok["leanfm"] += lt * uses
+            nbytes += n * k * (torch.finfo(dtype).bits // 8) * uses
+        if not wanted:
+            tt, lt = tok["torch"], tok["leanfm"]
+            print(f"{dname}: {'per token':>10} {f'{nbytes / 1e6:.0f} MB':>14} | {tt * 1e3:9.2f} "
+                  f"{nbytes / tt / 1e9:6.1f} | {lt * 1e3:9.2f} {nbytes / lt / 1e9:6.1f} | {tt / lt:5.2f}x"
+                  f"   (linears only: {1 / tt:.1f} vs {1 / lt:.1f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()
