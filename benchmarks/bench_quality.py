@@ -43,7 +43,12 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(CARD))
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--from-json", help="skip measuring: write the README table from a saved --json file")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            write_readme(json.load(f))
+        return
     torch.set_num_threads(args.threads)
 
     from leanfm.bench.corpora import load_corpus
@@ -74,10 +79,10 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     if args.readme:
-        write_readme(out, args)
+        write_readme(out)
 
 
-def write_readme(out: dict, args) -> None:
+def write_readme(out: dict) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from readme_table import write_table
 
@@ -93,7 +98,7 @@ def write_readme(out: dict, args) -> None:
             "card reports the bf16 release. Tasks: seeded random subsets of "
             f"{out['limit']} items (seed {out['seed']}), lm-evaluation-harness prompts and metrics, shot counts "
             "capped for CPU time where marked; the card's evaluation harness and splits may differ. "
-            "Made by `python benchmarks/bench_quality.py --readme`.")
+            f"Made by `python benchmarks/bench_quality.py --limit {out['limit']} --readme`.")
     write_table("quality", ["task", "metric", "shots", "leanfm (%)", "items", "model card (%)"], rows, note)
 
 
