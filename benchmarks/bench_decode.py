@@ -5,7 +5,8 @@
 Both runs greedy-decode `--tokens` new tokens (EOS ignored) from the same prompt, on the same
 dequantized weights (the GGUF's 4-bit/8-bit values turned into floats; transformers loads the HF
 directory leanfm cached). Prints tokens/s for each, the ratio, achieved weight bandwidth, and leanfm's
-load time cold (empty cache: GGUF -> float base) and cached. Run it on an otherwise idle machine.
+load time cold (empty cache: GGUF -> float base) and cached. Repeats alternate between the two engines so that drift in machine load hits both alike; still,
+run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -24,41 +25,43 @@ import torch
 PROMPT = "The history of the printing press begins in"
 
 
-def leanfm_decode(loaded, n_tokens: int, repeats: int) -> list[float]:
+def leanfm_runner(loaded, n_tokens: int):
     from leanfm.engine.generate import Generator
     from leanfm.engine.params import SamplingParams
 
     gen = Generator(loaded.model, loaded.tokenizer)
     params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
     gen.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
-    rates = []
-    for _ in range(repeats):
+
+    def run() -> float:
         r = gen.generate(PROMPT, params)
         assert len(r.token_ids) == n_tokens
-        rates.append(r.decode_tokens_per_second)
-    return rates
+        return r.decode_tokens_per_second
+
+    return run
 
 
-def hf_decode(path, dtype, prompt_ids: list[int], n_tokens: int, repeats: int) -> list[float]:
+def hf_runner(path, dtype, prompt_ids: list[int], n_tokens: int):
     """tokens/s of the decode phase: (time(n) - time(1)) / (n - 1), prefill excluded as for leanfm."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     ids = torch.tensor([prompt_ids])
 
-    def run(n):
+    def timed(n):
         t = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         assert out.shape[1] == ids.shape[1] + n
         return time.perf_counter() - t
 
-    run(8)  # warm-up
-    rates = []
-    for _ in range(repeats):
-        t1, tn = run(1), run(n_tokens)
-        rates.append((n_tokens - 1) / (tn - t1))
-    return rates
+    timed(8)  # warm-up
+
+    def run() -> float:
+        t1, tn = timed(1), timed(n_tokens)
+        return (n_tokens - 1) / (tn - t1)
+
+    return run
 
 
 def cold_load_seconds(model: str, dtype: str) -> float:
@@ -104,11 +107,12 @@ def main() -> None:
     cached = cached_load_seconds(args.model, args.dtype)
     loaded = load_model(args.model, dtype=dtype, progress=False)
     prepare_for_inference(loaded.model)
-    ours = leanfm_decode(loaded, args.tokens, args.repeats)
-    prompt_ids = loaded.tokenizer.encode(PROMPT)
-    path = loaded.path
-    del loaded
-    theirs = hf_decode(path, dtype, prompt_ids, args.tokens, args.repeats)
+    run_ours = leanfm_runner(loaded, args.tokens)
+    run_theirs = hf_runner(loaded.path, dtype, loaded.tokenizer.encode(PROMPT), args.tokens)
+    ours, theirs = [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        ours.append(run_ours())
+        theirs.append(run_theirs())
 
     from leanfm.checkpoint.inspect import read_config
 
