@@ -95,7 +95,13 @@ def main() -> None:
     ap.add_argument("--skip-cold", action="store_true", help="skip the cold-load measurement")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--from-json", help="skip measuring: write the README table from a saved --json file")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            r = json.load(f)
+        write_readme(r, len(r["leanfm_tok_s"]))
+        return
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
@@ -123,7 +129,7 @@ def main() -> None:
         "model": args.model, "dtype": args.dtype, "threads": args.threads, "new_tokens": args.tokens,
         "leanfm_tok_s": ours, "transformers_tok_s": theirs, "ratio": med_ours / med_theirs,
         "leanfm_GB_s": med_ours * bytes_per_token / 1e9, "transformers_GB_s": med_theirs * bytes_per_token / 1e9,
-        "load_cold_s": cold, "load_cached_s": cached,
+        "load_cold_s": cold, "load_cached_s": cached, "load_average_1m": os.getloadavg()[0],
     }
     print(f"model {args.model} (4-bit GGUF dequantized to {args.dtype}), {args.threads} threads, "
           f"batch 1, {args.tokens} new tokens, greedy; median of {args.repeats}")
@@ -154,7 +160,10 @@ def write_readme(r: dict, repeats: int) -> None:
     note = (f"{r['model']}: 4-bit GGUF weights dequantized to {r['dtype']}; batch 1, {r['new_tokens']} new "
             f"tokens, greedy, {r['threads']} threads, median of {repeats} runs; GB/s = weight bytes read per "
             f"token x tokens/s. Load time: {cold}cached {r['load_cached_s']:.1f} s. "
-            "Made by `python benchmarks/bench_decode.py --readme`.")
+            + (f"1-min load average at the end of the run: {r['load_average_1m']:.1f} on 2 cores (shared machine: "
+               "re-run on an idle one before quoting). " if r.get("load_average_1m") is not None else
+               "Measured on a shared, busy machine: re-run on an idle one before quoting. ")
+            + f"Made by `python benchmarks/bench_decode.py --threads {r['threads']} --readme`.")
     write_table("decode", ["engine", "decode tok/s", "weight GB/s", "vs transformers"], rows, note)
 
 
