@@ -21,6 +21,8 @@ from leanfm.ops import kernels
 
 @pytest.fixture(scope="module")
 def built():
+    if not kernels.kernels_enabled():
+        pytest.skip("leanfm C++ kernels disabled by LEANFM_KERNELS=0")
     if not kernels.kernels_available():
         pytest.skip(f"leanfm C++ kernels unavailable: {kernels.status().get('error')}")
     return torch.ops.leanfm_kernels

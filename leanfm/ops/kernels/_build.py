@@ -72,9 +72,26 @@ def _precheck() -> str | None:
     return None
 
 
+def _find_ninja() -> None:
+    """pip's ninja lives next to the interpreter (or in ninja.BIN_DIR); a venv that is used without
+    being activated does not have it on PATH, which is where cpp_extension looks."""
+    if shutil.which("ninja"):
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    with contextlib.suppress(Exception):
+        import ninja
+
+        dirs.insert(0, ninja.BIN_DIR)
+    for d in dirs:
+        if os.access(os.path.join(d, "ninja"), os.X_OK):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def _toolchain_problem() -> str | None:
     from torch.utils import cpp_extension
 
+    _find_ninja()
     if not cpp_extension.is_ninja_available():
         return "ninja not found (pip install ninja)"
     cxx = os.environ.get("CXX", "c++")
