@@ -144,10 +144,13 @@ def load() -> bool:
         try:
             _state["ok"] = _load_unlocked()
         except Exception as e:  # compiler errors, missing headers, bad cache...: fall back
+            log.debug("kernel build/load failed", exc_info=True)
+            lines = str(e).strip().splitlines()
             _state["ok"] = False
-            _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            _state["error"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         if not _state["ok"]:
-            log.warning("leanfm C++ kernels unavailable, using torch.nn.functional.linear: %s",
+            log.warning("leanfm C++ kernels unavailable, using torch.nn.functional.linear: %s "
+                        "(LEANFM_KERNELS_VERBOSE=1 shows the build, LEANFM_KERNELS=0 skips it)",
                         _state.get("error"))
         return bool(_state["ok"])
 
