@@ -114,6 +114,9 @@ def main() -> None:
           f"{kernels.status().get('error') or ''}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rows {args.rows}, "
           f"{torch.backends.cpu.get_cpu_capability()}, {args.stat} of {args.rounds} rounds")
+    if args.rows > kernels.max_rows():
+        print(f"note: rows {args.rows} > LEANFM_KERNELS_MAX_ROWS={kernels.max_rows()}: leanfm falls back to "
+              "F.linear; raise LEANFM_KERNELS_MAX_ROWS to time the kernel itself")
     wanted = set(filter(None, args.shapes.split(",")))
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]

@@ -24,8 +24,10 @@ void skinny_fp32(const float* x, int64_t M, int64_t K, const float* w, const flo
                  float* y, int64_t N, int64_t n0, int64_t n1);
 
 // bf16 weights (raw uint16 bit patterns), fp32 accumulation.
-// xp must come from bf16_pack_x (x in fp32, reordered to match the bf16 unpacking; same size M*K).
+// xp must come from bf16_pack_x (x as fp32, reordered to match the bf16 unpacking; same size M*K);
+// x itself may be fp32 or bf16 (raw uint16).
 void bf16_pack_x(const float* x, int64_t M, int64_t K, float* xp);
+void bf16_pack_x(const uint16_t* x, int64_t M, int64_t K, float* xp);
 void skinny_bf16(const float* xp, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                  float* y, int64_t N, int64_t n0, int64_t n1);
 

@@ -100,25 +100,34 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w,
   check_args(x_in, w, bias_in);
   check_cpu(x_in, w, bias_in);
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "linear_bf16: weight must be bfloat16");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
-              "linear_bf16: x must be float32 or bfloat16");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const bool x16 = x_in.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x16 || x_in.scalar_type() == at::kFloat, "linear_bf16: x must be float32 or bfloat16");
+  const at::Tensor x = x_in.contiguous();
   std::optional<at::Tensor> bias;
   if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
   const int64_t M = leading_rows(x), K = w.size(1), N = w.size(0);
-  at::Tensor y = at::empty(out_shape(x, N), x.options());  // fp32; cast at the end if needed
-  if (M > 0 && N > 0) {
-    at::Tensor xp = at::empty({M, K}, x.options());
-    bf16_pack_x(x.data_ptr<float>(), M, K, xp.data_ptr<float>());
-    const float* xpp = xp.data_ptr<float>();
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
-    split_columns(N, K, 2, [&](int64_t n0, int64_t n1) {
-      skinny_bf16(xpp, M, K, wp, bp, yp, N, n0, n1);
-    });
-  }
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  at::Tensor y = at::empty(out_shape(x, N), x.options());  // dtype of x
+  if (M == 0 || N == 0) return y;
+
+  // x as fp32 in the kernel's order; fp32 results go straight to y, or to y32 then y (bf16)
+  at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kFloat));
+  float* xpp = xp.data_ptr<float>();
+  if (x16)
+    bf16_pack_x(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, xpp);
+  else
+    bf16_pack_x(x.data_ptr<float>(), M, K, xpp);
+  at::Tensor y32 = x16 ? at::empty({M, N}, xp.options()) : y;
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y32.data_ptr<float>();
+  at::BFloat16* y16 = x16 ? y.data_ptr<at::BFloat16>() : nullptr;
+  split_columns(N, K, 2, [&](int64_t n0, int64_t n1) {
+    skinny_bf16(xpp, M, K, wp, bp, yp, N, n0, n1);
+    if (y16)  // round to nearest even, in the thread that just wrote these columns
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) y16[m * N + n] = at::BFloat16(yp[m * N + n]);
+  });
+  return y;
 }
 
 at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& w,

@@ -80,19 +80,28 @@ struct TileBF16 {
 
 }  // namespace
 
-void bf16_pack_x(const float* x, int64_t M, int64_t K, float* xp) {
+namespace {
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t v) { return bf16_to_float(v); }
+
+template <typename T>
+void pack_x(const T* x, int64_t M, int64_t K, float* xp) {
   const int64_t k16 = K / 16 * 16;
   for (int64_t m = 0; m < M; ++m) {
-    const float* src = x + m * K;
+    const T* src = x + m * K;
     float* dst = xp + m * K;
     for (int64_t k = 0; k < k16; k += 16)
       for (int j = 0; j < 8; ++j) {
-        dst[k + j] = src[k + 2 * j];
-        dst[k + 8 + j] = src[k + 2 * j + 1];
+        dst[k + j] = as_float(src[k + 2 * j]);
+        dst[k + 8 + j] = as_float(src[k + 2 * j + 1]);
       }
-    for (int64_t k = k16; k < K; ++k) dst[k] = src[k];
+    for (int64_t k = k16; k < K; ++k) dst[k] = as_float(src[k]);
   }
 }
+}  // namespace
+
+void bf16_pack_x(const float* x, int64_t M, int64_t K, float* xp) { pack_x(x, M, K, xp); }
+void bf16_pack_x(const uint16_t* x, int64_t M, int64_t K, float* xp) { pack_x(x, M, K, xp); }
 
 void skinny_bf16(const float* xp, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                  float* y, int64_t N, int64_t n0, int64_t n1) {
