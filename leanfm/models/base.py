@@ -18,7 +18,12 @@ from leanfm.ops.rope import rope_cos_sin, rope_inv_freq
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig, block_cls: type[nn.Module]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # initialised by hand: nn.Embedding's own normal_() on the meta device (how loaders build a
+        # model) goes through torch._refs, whose import pulls in torch._dynamo (+1.7 s per load)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(block_cls(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.is_gemma)
 
