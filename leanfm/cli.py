@@ -160,6 +160,9 @@ def _register_measure_commands() -> None:
     app.command("eval", help=eval_cmd.__doc__)(eval_cmd)
     app.command("bench", help=bench_cmd.__doc__)(bench_cmd)
     app.command("report", help=report_cmd.__doc__)(report_cmd)
+    from leanfm.bench.tour import tour_cmd
+
+    app.command("tour", help=tour_cmd.__doc__)(tour_cmd)
 
 
 _register_measure_commands()

@@ -1,0 +1,27 @@
+"""Model compression: quantization, pruning, low-rank factorization and distillation as composable recipes.
+
+    from leanfm.compress import compress_, Recipe, Step, config_from_dict
+    report = compress_(model, config_from_dict({"method": "gptq", "bits": 4}), calibration=tokens)
+
+Every method is a config + handler registered in leanfm.compress.api (one method per file under
+quant/, prune/, lowrank/, distill/); leanfm.compress.methods lists them.
+"""
+
+from leanfm.compress.api import (
+    CompressContext,
+    CompressReport,
+    ConfigError,
+    MethodConfig,
+    Override,
+    Recipe,
+    Step,
+    compress_,
+    config_from_dict,
+    method_names,
+    register,
+)
+
+__all__ = [
+    "CompressContext", "CompressReport", "ConfigError", "MethodConfig", "Override", "Recipe", "Step",
+    "compress_", "config_from_dict", "method_names", "register",
+]

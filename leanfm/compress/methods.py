@@ -1,0 +1,12 @@
+"""Imports every built-in method module so that each registers its config and handler."""
+
+from __future__ import annotations
+
+import importlib
+
+METHOD_MODULES = (
+    "leanfm.compress.quant.rtn",
+)
+
+for _name in METHOD_MODULES:
+    importlib.import_module(_name)

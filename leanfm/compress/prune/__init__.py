@@ -1,0 +1,1 @@
+"""Pruning methods: magnitude, Wanda, SparseGPT (unstructured and N:M), ShortGPT layers, channels/heads."""

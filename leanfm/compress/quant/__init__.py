@@ -1,0 +1,1 @@
+"""Quantization methods: RTN, GPTQ, AWQ, SmoothQuant W8A8, LLM.int8() outlier decomposition."""
