@@ -56,7 +56,8 @@ def module_from_spec(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     return FORMS[form].from_form_spec(spec, dtype)
 
 
-FORM_MODULES = ("leanfm.models.quant_layers", "leanfm.models.int8_layers", "leanfm.models.lowrank_layers")
+FORM_MODULES = ("leanfm.models.quant_layers", "leanfm.models.int8_layers", "leanfm.models.lowrank_layers",
+                "leanfm.models.sparse_layers")
 
 
 def _load_forms() -> None:
