@@ -18,12 +18,14 @@ factors come back in W's dtype. The singular values are split evenly between the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "asvd_factors", "cholesky_damped", "factor_params", "rank_for_budget", "rank_for_energy",
+    "Rank", "asvd_factors", "asvd_scales", "cholesky_damped", "factor_params", "rank_for_budget",
+    "rank_for_energy",
     "saves_parameters", "svd_factors", "whitened_svd_factors",
 ]
 
@@ -63,16 +65,23 @@ def rank_for_energy(singular_values: Tensor, threshold: float) -> int:
     return max(1, min(r, singular_values.numel()))
 
 
-def _truncated(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+Rank = int | Callable[[Tensor], int]
+"""A rank, or a rule choosing it from the singular values (float64, descending) of the matrix that is
+truncated, e.g. `lambda s: rank_for_energy(s, 0.9)`; the decomposition then runs only once."""
+
+
+def _truncated(m: Tensor, rank: Rank) -> tuple[Tensor, Tensor]:
     """(B, A) of the rank-`rank` SVD truncation of the float64 matrix m, singular values split evenly."""
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    if callable(rank):
+        rank = rank(s)
     if not 1 <= rank <= min(m.shape):
         raise ValueError(f"rank must be in [1, {min(m.shape)}] for a {tuple(m.shape)} matrix, got {rank}")
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
     root = s[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def svd_factors(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def svd_factors(w: Tensor, rank: Rank) -> tuple[Tensor, Tensor]:
     """(B [out, r], A [r, in]): the rank-r truncated SVD of w, B @ A minimising ||w - B A||_F."""
     b, a = _truncated(w.detach().double(), rank)
     return b.to(w.dtype), a.to(w.dtype)
@@ -85,7 +94,7 @@ def asvd_scales(act_scale: Tensor, alpha: float = 0.5) -> Tensor:
     return s.clamp_min(floor)
 
 
-def asvd_factors(w: Tensor, act_scale: Tensor, rank: int, alpha: float = 0.5) -> tuple[Tensor, Tensor]:
+def asvd_factors(w: Tensor, act_scale: Tensor, rank: Rank, alpha: float = 0.5) -> tuple[Tensor, Tensor]:
     """ASVD: (B, A) from the SVD of w diag(s), s = act_scale^alpha (act_scale: mean |x| per input channel,
     [in]), then A = A' diag(1/s). alpha = 0 is plain SVD."""
     if act_scale.shape != (w.shape[1],):
@@ -113,7 +122,7 @@ def cholesky_damped(xtx: Tensor, damp: float = 1e-5, max_tries: int = 8) -> Tens
                      "inputs for NaN or infinite values")
 
 
-def whitened_svd_factors(w: Tensor, xtx: Tensor, rank: int, damp: float = 1e-5) -> tuple[Tensor, Tensor]:
+def whitened_svd_factors(w: Tensor, xtx: Tensor, rank: Rank, damp: float = 1e-5) -> tuple[Tensor, Tensor]:
     """SVD-LLM: (B, A) minimising ||X w^T - X (B A)^T||_F given xtx = X^T X [in, in] (any positive scale).
 
     S = chol(xtx + damping) (lower); (B, A') = rank-r SVD truncation of w S; A = A' S^{-1}."""

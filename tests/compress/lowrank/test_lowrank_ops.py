@@ -112,3 +112,19 @@ def test_rank_for_energy():
 def test_saves_parameters():
     assert saves_parameters(100, 100, 49) and not saves_parameters(100, 100, 50)
     assert not saves_parameters(100, 100, 0)
+
+
+def test_rank_rule_sees_the_truncated_spectrum():
+    w, x = _w(), _correlated_inputs()
+    seen = []
+
+    def rule(s):
+        seen.append(s)
+        return rank_for_energy(s, 0.9)
+
+    b, a = whitened_svd_factors(w, x.T @ x, rule)
+    s = torch.linalg.svdvals(w.double() @ cholesky_damped(x.T @ x))
+    torch.testing.assert_close(seen[0], s)
+    assert b.shape[1] == a.shape[0] == rank_for_energy(s, 0.9)
+    b, a = svd_factors(w, lambda s: 3)
+    assert a.shape == (3, 32)
