@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 
 METHOD_MODULES = (
+    "leanfm.compress.lowrank.svd",
+    "leanfm.compress.lowrank.asvd",
     "leanfm.compress.quant.rtn",
 )
 
