@@ -8,6 +8,7 @@ METHOD_MODULES = (
     "leanfm.compress.lowrank.svd",
     "leanfm.compress.lowrank.asvd",
     "leanfm.compress.quant.rtn",
+    "leanfm.compress.quant.gptq",
 )
 
 for _name in METHOD_MODULES:
