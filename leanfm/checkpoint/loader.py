@@ -3,7 +3,8 @@
 A model reference is one of
 - a registered alias (`gemma-3-270m`, `smollm2-135m`): a GGUF shipped inside a package-index package;
 - a path to a `.gguf` file;
-- a path to a Hugging Face model directory (config.json + safetensors + tokenizer.json).
+- a path to a Hugging Face model directory (config.json + safetensors + tokenizer.json);
+- a compressed artifact (an HF-style directory with leanfm_compressed.json, see checkpoint/artifact.py).
 
 A GGUF is dequantized once into a float base model cached as an HF directory under the user's cache
 (`~/.cache/leanfm/models/<name>`); later loads memory-map that safetensors file and take seconds.
@@ -163,7 +164,12 @@ def load_model(ref: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, pro
     if kind in ("alias", "gguf"):
         gguf_path = path
         path, converted = base_dir_for_gguf(ref, gguf_path, progress=progress)
-    model = hf.load_model_from_hf_dir(path, dtype=dtype)
+    if kind == "hf" and (path / "leanfm_compressed.json").is_file():  # a compressed artifact
+        from leanfm.checkpoint.artifact import load_compressed
+
+        model = load_compressed(path, dtype=dtype)
+    else:
+        model = hf.load_model_from_hf_dir(path, dtype=dtype)
     tokenizer = Tokenizer.from_hf_dir(path)
     model.eval()
     return LoadedModel(model, tokenizer, ref, path, gguf_path, time.perf_counter() - t0, converted)
