@@ -44,8 +44,8 @@ class LowRankLinear(nn.Module):
         if a.shape[0] != rank:
             raise ValueError(f"factor shapes do not chain: B {tuple(b.shape)}, A {tuple(a.shape)}")
         layer = cls(in_features, out_features, rank, bias=bias is not None, device="meta", dtype=a.dtype)
-        layer.A = nn.Parameter(a.detach().clone())
-        layer.B = nn.Parameter(b.detach().to(a.dtype).clone())
+        layer.A = nn.Parameter(a.detach().contiguous().clone())
+        layer.B = nn.Parameter(b.detach().to(a.dtype).contiguous().clone())
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone())
         return layer
