@@ -9,6 +9,9 @@ METHOD_MODULES = (
     "leanfm.compress.lowrank.asvd",
     "leanfm.compress.quant.rtn",
     "leanfm.compress.quant.gptq",
+    "leanfm.compress.prune.magnitude",
+    "leanfm.compress.prune.wanda",
+    "leanfm.compress.prune.sparsegpt",
 )
 
 for _name in METHOD_MODULES:
