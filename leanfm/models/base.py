@@ -7,6 +7,8 @@ HF state dict loads without translation and a saved directory loads in transform
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -85,6 +87,27 @@ class DecoderForCausalLM(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def remove_layers(self, indices: Iterable[int]) -> None:
+        """Drop decoder layers in place (layer removal, e.g. ShortGPT). The remaining layers keep their
+        weights, sliding windows and RoPE tables; their attention's KV-cache index (`layer_idx`) is
+        renumbered, and the config shrinks (num_hidden_layers, layer_types), so the result equals a model
+        built from the new config with the remaining layers' weights."""
+        n = len(self.model.layers)
+        drop = set(indices)
+        if not drop <= set(range(n)) or len(drop) >= n:
+            raise ValueError(f"cannot remove layers {sorted(drop)} of {n}: give distinct indices in [0, {n}) "
+                             "and keep at least one layer")
+        keep = [i for i in range(n) if i not in drop]
+        self.model.layers = nn.ModuleList(self.model.layers[i] for i in keep)
+        self._layer_rope = [self._layer_rope[i] for i in keep]
+        self._inv_freq = {k: f for k, f in self._inv_freq.items() if k in self._layer_rope}
+        for j, layer in enumerate(self.model.layers):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = j
+        types = tuple(self.config.layer_types[i] for i in keep) if self.config.layer_types else ()
+        self.config = self.config.replace(num_hidden_layers=len(keep), layer_types=types)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared tensors are counted once
