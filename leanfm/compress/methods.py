@@ -12,6 +12,7 @@ METHOD_MODULES = (
     "leanfm.compress.prune.magnitude",
     "leanfm.compress.prune.wanda",
     "leanfm.compress.prune.sparsegpt",
+    "leanfm.compress.prune.shortgpt",
     "leanfm.compress.quant.awq",
 )
 
