@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 METHOD_MODULES = (
+    "leanfm.compress.distill.kd",
     "leanfm.compress.lowrank.svd",
     "leanfm.compress.lowrank.asvd",
     "leanfm.compress.quant.rtn",
