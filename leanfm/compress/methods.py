@@ -14,6 +14,7 @@ METHOD_MODULES = (
     "leanfm.compress.prune.wanda",
     "leanfm.compress.prune.sparsegpt",
     "leanfm.compress.prune.shortgpt",
+    "leanfm.compress.prune.channels",
     "leanfm.compress.quant.awq",
 )
 
