@@ -23,10 +23,7 @@ FAST = dict(steps=30, lr=1e-3, batch_size=4, warmup_steps=2)
 
 
 def _remove_layers(model, indices):
-    """Drop decoder layers (what ShortGPT-style pruning does) without touching the others."""
-    keep = [i for i in range(len(model.model.layers)) if i not in indices]
-    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
-    model._layer_rope = [model._layer_rope[i] for i in keep]
+    model.remove_layers(indices)  # what ShortGPT-style pruning does
     return model
 
 
