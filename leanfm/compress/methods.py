@@ -16,6 +16,7 @@ METHOD_MODULES = (
     "leanfm.compress.prune.shortgpt",
     "leanfm.compress.prune.channels",
     "leanfm.compress.quant.awq",
+    "leanfm.compress.quant.llm_int8",
 )
 
 for _name in METHOD_MODULES:

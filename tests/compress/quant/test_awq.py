@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quant_helpers import calib_tokens, logits, rebuild, rel_error, with_outliers
 
 from leanfm.compress import ConfigError, Step, compress_
 from leanfm.compress.quant.awq import (
@@ -65,17 +66,12 @@ def test_clip_search_never_worse_per_group():
     assert (ratios < 1).float().mean() > 0.2  # at 3 bits, Gaussian groups usually gain from a clipped range
 
 
-@torch.no_grad()
-def _logits(model, ids):
-    return model.compute_logits(model(ids, torch.arange(ids.shape[1])))
-
-
 @pytest.mark.parametrize("variant,overrides", [("llama", {}), ("gemma3", {}), ("llama", {"num_key_value_heads": 4}),
                                                ("qwen2", {})])
 def test_scale_folding_is_exact(tiny_model, variant, overrides):
     model = tiny_model(variant, **overrides)
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     g = torch.Generator().manual_seed(1)
     kinds = set()
     for layer in model.model.layers:
@@ -88,38 +84,25 @@ def test_scale_folding_is_exact(tiny_model, variant, overrides):
     if overrides:
         expected.add("self_attn.v_proj")
     assert kinds == expected
-    out = _logits(model, ids)
+    out = logits(model, ids)
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, tiny_model(variant, **overrides)
                            .model.layers[0].input_layernorm.weight)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def _calib(n: int = 8, t: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-def _with_outliers(model):
-    """Activation outliers like a trained LLM's: a few hidden channels with large norm weights."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"):
-                norm = getattr(layer, name, None)
-                if norm is not None:
-                    norm.weight[:3] = 12.0
-    return model
-
-
 @pytest.mark.parametrize("variant", ["llama", "gemma3"])
 def test_awq_end_to_end(tiny_model, variant):
-    calib = _calib()
-    ref = _logits(_with_outliers(tiny_model(variant)), calib)
+    calib = calib_tokens()
+    ref = logits(with_outliers(tiny_model(variant), 12.0), calib)
     errs = {}
     for name, cfg in (("rtn", RTNConfig(bits=4, group_size=32)), ("awq", AWQConfig(bits=4, group_size=32))):
-        model = _with_outliers(tiny_model(variant))
+        model = with_outliers(tiny_model(variant), 12.0)
         report = compress_(model, cfg, calibration=calib, progress=False)
         linears = [m for n, m in model.named_modules() if n.startswith("model.layers.") and n.endswith("_proj")]
         assert linears and all(isinstance(m, QuantLinear) for m in linears)
-        errs[name] = float((_logits(model, calib) - ref).norm() / ref.norm())
+        errs[name] = rel_error(logits(model, calib), ref)
+    again = rebuild(tiny_model(variant, seed=4), model)  # folded norms come from the state dict too
+    assert torch.equal(logits(again, calib), logits(model, calib))
     assert report.steps[0]["scale_groups"] == 3 * len(model.model.layers)
     assert errs["awq"] < 0.5  # random tiny models with outlier channels: RTN reaches 0.43 (llama), 0.22 (gemma3)
     assert errs["awq"] < errs["rtn"]
@@ -127,13 +110,13 @@ def test_awq_end_to_end(tiny_model, variant):
 
 def test_awq_head_and_tied_embedding(tiny_model):
     model = tiny_model("gemma3")
-    calib = _calib()
-    ref = _logits(model, calib)
+    calib = calib_tokens()
+    ref = logits(model, calib)
     compress_(model, Step(AWQConfig(bits=8, group_size=32), include=("model.layers.*", "lm_head")),
               calibration=calib, progress=False)
     assert isinstance(model.lm_head, QuantLinear)
     assert isinstance(model.model.embed_tokens, QuantEmbedding) and model.model.embed_tokens.tied
-    assert float((_logits(model, calib) - ref).norm() / ref.norm()) < 0.02
+    assert rel_error(logits(model, calib), ref) < 0.02
 
 
 def test_awq_config_errors():

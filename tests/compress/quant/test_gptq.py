@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quant_helpers import calib_tokens, logits, rebuild, rel_error
 
 from leanfm.compress import ConfigError, Step, compress_
 from leanfm.compress.quant.gptq import GPTQConfig, gptq_quantize
@@ -95,20 +96,11 @@ def test_gptq_config_errors():
         compress_(torch.nn.Module(), GPTQConfig())
 
 
-def _calib(vocab: int, n: int = 8, t: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def _logits(model, ids):
-    return model.compute_logits(model(ids, torch.arange(ids.shape[1])))
-
-
 @pytest.mark.parametrize("variant", ["llama", "gemma3"])
 def test_gptq_end_to_end(tiny_model, variant):
-    calib = _calib(128)
+    calib = calib_tokens()
     ref_model = tiny_model(variant)
-    ref = _logits(ref_model, calib)
+    ref = logits(ref_model, calib)
     errs = {}
     for name, cfg in (("rtn", RTNConfig(bits=4, group_size=32)), ("gptq", GPTQConfig(bits=4, group_size=32))):
         model = tiny_model(variant)
@@ -116,26 +108,27 @@ def test_gptq_end_to_end(tiny_model, variant):
         linears = [m for n, m in model.named_modules() if n.startswith("model.layers.") and n.endswith("_proj")]
         assert linears and all(isinstance(m, QuantLinear) for m in linears)
         assert type(model.lm_head) is torch.nn.Linear
-        errs[name] = float((_logits(model, calib) - ref).norm() / ref.norm())
+        errs[name] = rel_error(logits(model, calib), ref)
+    assert torch.equal(logits(rebuild(tiny_model(variant, seed=2), model), calib), logits(model, calib))
     assert errs["gptq"] < 0.25
     assert errs["gptq"] < errs["rtn"]
 
 
 def test_gptq_head_and_tied_embedding(tiny_model):
     model = tiny_model("gemma3")
-    calib = _calib(128)
-    ref = _logits(model, calib)
+    calib = calib_tokens()
+    ref = logits(model, calib)
     step = Step(GPTQConfig(bits=8, group_size=32, act_order=True), include=("model.layers.*", "lm_head"))
     compress_(model, step, calibration=calib, progress=False)
     assert isinstance(model.lm_head, QuantLinear)
     assert isinstance(model.model.embed_tokens, QuantEmbedding) and model.model.embed_tokens.tied
     assert model.model.embed_tokens.qweight is model.lm_head.qweight
-    out = _logits(model, calib)
-    assert float((out - ref).norm() / ref.norm()) < 0.02
+    out = logits(model, calib)
+    assert rel_error(out, ref) < 0.02
 
 
 def test_gptq_deterministic(tiny_model):
-    calib = _calib(128, seed=1)
+    calib = calib_tokens(seed=1)
     states = []
     for _ in range(2):
         model = tiny_model("llama")
