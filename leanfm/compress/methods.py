@@ -17,6 +17,7 @@ METHOD_MODULES = (
     "leanfm.compress.prune.channels",
     "leanfm.compress.quant.awq",
     "leanfm.compress.quant.llm_int8",
+    "leanfm.compress.quant.smoothquant",
 )
 
 for _name in METHOD_MODULES:
