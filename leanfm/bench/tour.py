@@ -105,6 +105,18 @@ def measure(model, tokenizer, cfg: TourConfig) -> dict[str, Any]:
             "decode_tok_s": tps, "memory_bytes": stored_bytes(model)}
 
 
+def probe_logits(model) -> torch.Tensor:
+    """Logits of a fixed 32-token input: to check that a saved artifact reloads to the same model."""
+    ids = torch.arange(1, 33).unsqueeze(0) % model.config.vocab_size
+    with torch.no_grad():
+        return model.compute_logits(model(ids, torch.arange(32)))
+
+
+def reference_logits_path(artifact: Path) -> Path:
+    """Where run_variant keeps the in-memory model's probe logits (beside the artifact, not in it)."""
+    return artifact.parent / f"{artifact.name}.probe-logits.pt"
+
+
 def _calibration(tokenizer, cfg: TourConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     from leanfm.bench.corpora import calibration_samples
 
@@ -134,11 +146,14 @@ def run_variant(name: str, cfg: TourConfig, base_params: int) -> dict[str, Any]:
         report = compress_(loaded.model, recipe, calibration=tokens, calibration_info=info, seed=cfg.seed)
         save_compressed(loaded.model, loaded.tokenizer, out, report=report.to_dict(), overwrite=True)
         seconds = time.perf_counter() - t0
+        before = probe_logits(loaded.model)
+        torch.save(before, reference_logits_path(out))
         del loaded
         gc.collect()
         loaded = load_model(str(out), progress=False)  # measure what was saved, not what is in memory
         row = {"variant": name, "recipe": recipe.to_dict(), "compress_seconds": round(seconds, 1), "path": str(out),
-               "disk_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+               "disk_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+               "reload_identical": bool(torch.equal(before, probe_logits(loaded.model)))}
     row.update(measure(loaded.model, loaded.tokenizer, cfg))
     row["bits_per_weight"] = row["disk_bytes"] * 8 / base_params
     return row

@@ -1,0 +1,191 @@
+"""The compression table: every method on the same base, same held-out windows, next to llama.cpp's quantizer.
+
+    python benchmarks/bench_compress.py [--model gemma-3-270m] [--windows 16] [--calib 64] [--readme]
+    python benchmarks/bench_compress.py --from-json compress.json --readme     # table from a saved run
+
+Each variant is compressed from the float base (gemma-3-270m: its 4-bit GGUF dequantized), saved as an
+artifact, reloaded from disk in the same process and measured: bits per weight (disk bytes x 8 / base
+parameters), bytes, perplexity on the harness' held-out wiki split (the same windows for every row,
+calibration from the disjoint calib split) and batch-1 decode tokens/s. llama.cpp's rows come from its
+own quantizer (Q8_0, Q4_0, Q4_K_M made from leanfm's F16 export) scored on the same token windows.
+Then the issue's claims are checked one by one and printed PASS/FAIL with the figures behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from leanfm.bench.tour import RECIPES, TourConfig, format_rows, pareto_plot, run_variant  # noqa: E402
+
+L_H = ["model.layers.*", "lm_head"]
+VARIANTS: dict[str, list[dict]] = {
+    **RECIPES,  # int8, rtn-4, gptq-4, awq-4, wanda-50+int4
+    "magnitude-50": [{"method": "magnitude", "sparsity": 0.5}],
+    "wanda-50": [{"method": "wanda", "sparsity": 0.5}],
+    "sparsegpt-50": [{"method": "sparsegpt", "sparsity": 0.5}],
+    "sparsegpt-2:4": [{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}],
+    "svd-0.8": [{"method": "svd", "param_ratio": 0.8}],
+    "asvd-0.8": [{"method": "asvd", "param_ratio": 0.8}],
+    "shortgpt-3": [{"method": "shortgpt", "n_layers": 3}],
+    "shortgpt-3+distill": [{"method": "shortgpt", "n_layers": 3},
+                           {"method": "distill", "steps": 200, "seq_len": 256}],
+}
+ORDER = ["int8", "rtn-4", "gptq-4", "awq-4", "magnitude-50", "wanda-50", "sparsegpt-50", "sparsegpt-2:4",
+         "svd-0.8", "asvd-0.8", "wanda-50+int4", "shortgpt-3", "shortgpt-3+distill"]
+
+
+def identical_reload(row: dict) -> bool:
+    """The artifact loaded in a fresh process gives bit-identical logits to the model compress_ produced."""
+    import subprocess
+
+    from leanfm.bench.tour import reference_logits_path
+
+    code = ("import sys, torch; from leanfm.checkpoint.loader import load_model; "
+            "from leanfm.bench.tour import probe_logits; "
+            "ok = torch.equal(probe_logits(load_model(sys.argv[1], progress=False).model), torch.load(sys.argv[2])); "
+            "sys.exit(0 if ok else 3)")
+    ref = reference_logits_path(Path(row["path"]))
+    return subprocess.run([sys.executable, "-c", code, row["path"], str(ref)]).returncode == 0
+
+
+def checks(rows: dict[str, dict], anchors: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """The issue's claims, each (claim, passed or None if not measured, figures)."""
+    def ppl(n):
+        return rows[n]["ppl"] if n in rows else float("nan")
+
+    out: list[tuple[str, bool | None, str]] = []
+
+    def add(claim, names, ok, figures):
+        out.append((claim, ok if all(n in rows for n in names) else None, figures))
+
+    b = ppl("base")
+    add("int8 weight-only ppl within 1% of the base", ["int8"], ppl("int8") <= 1.01 * b,
+        f"{ppl('int8'):.3f} vs {b:.3f} ({100 * (ppl('int8') / b - 1):+.2f}%)")
+    add("GPTQ-4 and AWQ-4 (g128) below RTN-4", ["gptq-4", "awq-4", "rtn-4"],
+        ppl("gptq-4") < ppl("rtn-4") and ppl("awq-4") < ppl("rtn-4"),
+        f"gptq {ppl('gptq-4'):.3f}, awq {ppl('awq-4'):.3f}, rtn {ppl('rtn-4'):.3f}")
+    add("50% unstructured: SparseGPT <= Wanda < magnitude", ["sparsegpt-50", "wanda-50", "magnitude-50"],
+        ppl("sparsegpt-50") <= ppl("wanda-50") < ppl("magnitude-50"),
+        f"sparsegpt {ppl('sparsegpt-50'):.3f}, wanda {ppl('wanda-50'):.3f}, magnitude {ppl('magnitude-50'):.3f}")
+    add("2:4 runs", ["sparsegpt-2:4"], ppl("sparsegpt-2:4") < float("inf"), f"ppl {ppl('sparsegpt-2:4'):.3f}")
+    add("ASVD beats SVD at equal parameter count", ["asvd-0.8", "svd-0.8"], ppl("asvd-0.8") < ppl("svd-0.8"),
+        f"asvd {ppl('asvd-0.8'):.3f}, svd {ppl('svd-0.8'):.3f}")
+    if "wanda-50+int4" in rows:
+        same = rows["wanda-50+int4"].get("reload_identical_fresh_process")
+        add("prune then quantize: saves and reloads with identical logits", ["wanda-50+int4"], bool(same),
+            f"fresh-process reloads bit-identical: {same}; ppl {ppl('wanda-50+int4'):.3f}")
+    s, d = ppl("shortgpt-3"), ppl("shortgpt-3+distill")
+    add("distillation after layer removal recovers part of the lost perplexity", ["shortgpt-3", "shortgpt-3+distill"],
+        d < s, f"removed {s:.3f} -> distilled {d:.3f} (base {b:.3f}; recovered {100 * (s - d) / max(s - b, 1e-9):.0f}%)")
+    for name, target in (("rtn-4", 2.0), ("int8", 1.5)):
+        if name in rows:
+            r = rows[name]["decode_tok_s"] / rows["base"]["decode_tok_s"]
+            add(f"{name} decodes >= {target}x the fp32 base", [name], r >= target,
+                f"{rows[name]['decode_tok_s']:.1f} vs {rows['base']['decode_tok_s']:.1f} tok/s = {r:.2f}x")
+    if "rtn-4" in rows:
+        bf16 = rows["base"]["disk_bytes"] / 2  # the base artifact is fp32
+        frac = rows["rtn-4"]["disk_bytes"] / bf16
+        add("int4 artifact <= 30% of the bf16 size", ["rtn-4"], frac <= 0.30, f"{100 * frac:.1f}% of bf16")
+    q4km = next((a for a in anchors if a["name"] == "Q4_K_M"), None)
+    ours = [(rows[n]["ppl"], n, rows[n]["bits_per_weight"]) for n in ("rtn-4", "gptq-4", "awq-4")
+            if n in rows and rows[n]["bits_per_weight"] <= 4.5 + 1e-6]
+    if q4km and ours:
+        best = min(ours)
+        out.append(("best leanfm 4-bit (<= 4.5 bpw) matches or beats llama.cpp Q4_K_M", best[0] <= q4km["ppl"],
+                    f"{best[1]} {best[0]:.3f} at {best[2]:.2f} bpw vs Q4_K_M {q4km['ppl']:.3f} at "
+                    f"{q4km['bits_per_weight']:.2f} bpw"))
+    return out
+
+
+def llamacpp_rows(model: str, windows: int, ctx: int) -> list[dict]:
+    try:
+        from anchors.llamacpp_quant import llamacpp_quant_rows
+    except ImportError as e:
+        print(f"llama.cpp anchor unavailable: {e}")
+        return []
+    return llamacpp_quant_rows(model, windows=windows, ctx=ctx)
+
+
+def write_readme(out: dict) -> None:
+    from readme_table import write_table
+
+    rows = out["rows"]
+    base = rows[0]
+    table = []
+    for r in rows:
+        table.append([r["variant"], f"{r['bits_per_weight']:.2f}", f"{r['disk_bytes'] / 2**20:.0f} MiB",
+                      f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%",
+                      f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else "-"])
+    for a in out["anchors"]:
+        table.append([f"llama.cpp {a['name']}", f"{a['bits_per_weight']:.2f}", f"{a['bytes'] / 2**20:.0f} MiB",
+                      f"{a['ppl']:.3f}", f"{100 * (a['ppl'] / base['ppl'] - 1):+.1f}%", "-"])
+    checks_md = "; ".join(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {c} ({f})"
+                          for c, ok, f in out["checks"])
+    note = (f"gemma-3-270m (its 4-bit GGUF dequantized to float32 is the base); perplexity on {out['windows']} "
+            f"held-out windows of {out['ctx']} tokens (wiki eval split), calibration {out['calib']} x 512 tokens of "
+            f"the disjoint calib split; decode: batch 1, {out['threads']} threads, fp32 activations. "
+            f"bits/w = artifact bytes x 8 / base parameters (scales included). llama.cpp rows: its quantizer on "
+            f"leanfm's F16 export, scored on the same token windows. 1-min load average at the end: "
+            f"{out['load_average']:.1f}. Checks: {checks_md}. Made by `python benchmarks/bench_compress.py --readme`.")
+    write_table("compress", ["variant", "bits/w", "disk", "ppl", "Δppl", "decode tok/s"], table, note)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--variants", default=",".join(ORDER))
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--calib", type=int, default=64, help="calibration samples of 512 tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/leanfm-bench-compress")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--json", default="benchmarks/results/compress.json")
+    ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--from-json")
+    args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            write_readme(json.load(f))
+        return
+    torch.set_num_threads(args.threads)
+    names = [v for v in args.variants.split(",") if v]
+    cfg = TourConfig(model=args.model, variants=tuple(names), out_dir=args.out, calib_samples=args.calib,
+                     ppl_windows=args.windows, ppl_ctx=args.ctx, recipes=VARIANTS)
+    from leanfm.checkpoint.loader import load_model
+
+    base_params = load_model(args.model, progress=False).model.num_parameters()
+    rows: dict[str, dict] = {}
+    for name in ["base", *names]:
+        t0 = time.perf_counter()
+        print(f"== {name}", flush=True)
+        rows[name] = run_variant(name, cfg, base_params)
+        if name == "wanda-50+int4":
+            rows[name]["reload_identical_fresh_process"] = identical_reload(rows[name])
+        print(format_rows(list(rows.values())), f"\n({time.perf_counter() - t0:.0f} s)", flush=True)
+    anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx)
+    for a in anchors:
+        print(f"llama.cpp {a['name']}: {a['bits_per_weight']:.2f} bpw, ppl {a['ppl']:.3f}")
+    results = checks(rows, anchors)
+    for claim, ok, figures in results:
+        print(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a '):5} {claim}: {figures}")
+    out = {"rows": list(rows.values()), "anchors": anchors, "checks": results, "windows": args.windows,
+           "ctx": args.ctx, "calib": args.calib, "threads": args.threads, "load_average": os.getloadavg()[0]}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    pareto_plot(list(rows.values()), Path(args.json).with_suffix(".png"), f"{args.model}: compression methods")
+    if args.readme:
+        write_readme(out)
+
+
+if __name__ == "__main__":
+    main()
