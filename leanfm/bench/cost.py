@@ -214,12 +214,15 @@ def _decode(model, tokenizer, cfg: CostConfig, max_ctx: int, dtype, device, bar)
 
 
 def _bandwidth(model: torch.nn.Module, decode: dict[str, Any], machine_gb_s: float | None) -> dict[str, Any]:
-    from leanfm.models.cost import param_breakdown, weight_bytes_read_per_token
+    from leanfm.models.footprint import footprint
 
-    n_params = param_breakdown(model.config).total
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bytes_per_param = param_bytes / n_params if n_params else 4.0
-    per_token = weight_bytes_read_per_token(model.config, bytes_per_param)
+    # stored bytes, packed forms included (models.footprint); the LM head is read in full every token,
+    # from the embedding's storage when tied
+    fp = footprint(model)
+    n_params, n_bytes = sum(v["params"] for v in fp.values()), sum(v["bytes"] for v in fp.values())
+    bytes_per_param = n_bytes / n_params if n_params else 4.0
+    per_token = float(sum(fp[c]["bytes"] for c in ("attention", "ffn", "norms"))
+                      + (fp["head"]["bytes"] or fp["embedding"]["bytes"]))
     out: dict[str, Any] = {"weight_bytes_per_token": per_token, "bytes_per_param": bytes_per_param,
                            "achieved_gb_s": None, "machine_gb_s": machine_gb_s, "fraction": None}
     if "1" in decode:

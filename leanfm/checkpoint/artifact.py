@@ -41,8 +41,8 @@ from leanfm.models.forms import form_spec, module_from_spec
 from leanfm.utils.errors import CheckpointError
 from leanfm.utils.paths import atomic_dir
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "is_compressed_dir", "load_compressed", "read_manifest",
-           "save_compressed"]
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "describe", "is_compressed_dir", "load_compressed",
+           "read_manifest", "save_compressed"]
 
 MANIFEST_NAME = "leanfm_compressed.json"
 FORMAT = "leanfm-compressed"
@@ -115,7 +115,9 @@ def _dedup_state(model: nn.Module, dtype: torch.dtype | None, form_names: list[s
 
 
 def _write_weights(state: dict[str, Tensor], path: Path) -> None:
-    save_file(state, str(path), metadata={"format": "pt", "leanfm": FORMAT})
+    # one metadata key: safetensors serialises the metadata map in a random order, and byte-identical
+    # files for identical runs are worth keeping
+    save_file(state, str(path), metadata={"format": "pt"})
 
 
 def _dir_bytes(path: Path) -> int:
@@ -277,3 +279,20 @@ def _read_config(path: Path):
     if not config.name:
         config = config.replace(name=path.name)
     return config, cfg_file
+
+
+def describe(path: str | os.PathLike) -> tuple[dict[str, dict[str, int]], str]:
+    """(per-component {"params", "bytes"}, one summary line) of an artifact, from its manifest only."""
+    m = read_manifest(path)
+    sizes = m.get("sizes") or {}
+    steps = ((m.get("compress") or {}).get("recipe") or {}).get("steps") or []
+    recipe = " -> ".join(s.get("method", "?") for s in steps) or "no recipe recorded"
+    bpw = sizes.get("bits_per_weight") or {}
+
+    def fmt(x: float | None) -> str:
+        return "—" if x is None else f"{x:.2f}"
+
+    line = (f"compressed   {recipe}; {fmt(bpw.get('overall'))} bits/weight (decoder layers "
+            f"{fmt(bpw.get('decoder_layers'))}, embedding+head {fmt(bpw.get('embedding_head'))}); "
+            f"{sizes.get('disk_bytes', 0) / 2**20:.1f} MiB on disk")
+    return sizes.get("components") or {}, line

@@ -10,6 +10,9 @@ from torch import nn
 def prepare_for_inference(model: nn.Module, fast_kernels: bool | None = None) -> nn.Module:
     """eval mode, no grads, and leanfm's CPU GEMV kernels on every plain Linear (unless disabled).
 
+    Compressed module forms (QuantLinear, LowRankLinear, ...: leanfm.models.forms) are left as they
+    are: they run their own kernels. Plain linears inside them (low-rank factors) are not nn.Linear.
+
     `fast_kernels=None` follows $LEANFM_KERNELS (on unless "0"). The kernels fall back to
     torch.nn.functional.linear whenever they do not apply, so this never changes results beyond
     float rounding.

@@ -18,7 +18,10 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def format_info(c: ModelConfig, dtype: str = "float32", source: Path | str = "") -> str:
+def format_info(c: ModelConfig, dtype: str = "float32", source: Path | str = "",
+                measured: dict[str, dict[str, int]] | None = None) -> str:
+    """`measured`: a compressed model's real {component: {"params", "bytes"}} (models.footprint); the
+    table then shows stored bytes and bits per weight instead of params x dtype size."""
     bpp = BYTES_PER_PARAM[dtype]
     p = param_breakdown(c)
     sliding = sum(c.layer_is_sliding(i) for i in range(c.num_hidden_layers))
@@ -32,12 +35,8 @@ def format_info(c: ModelConfig, dtype: str = "float32", source: Path | str = "")
         f"vocab        {c.vocab_size}; context {c.max_position_embeddings}; "
         f"{'tied' if c.tie_word_embeddings else 'separate'} LM head",
         "",
-        f"{'component':<12}{'params':>14}{'share':>8}{'bytes (' + dtype + ')':>20}",
     ]
-    for name, n in p.as_dict().items():
-        note = " (tied: shares the embedding)" if name == "head" and c.tie_word_embeddings else ""
-        lines.append(f"{name:<12}{n:>14,}{n / p.total:>8.1%}{_size(n * bpp):>20}{note}")
-    lines.append(f"{'total':<12}{p.total:>14,}{1:>8.0%}{_size(p.total * bpp):>20}")
+    lines += _measured_table(measured, c) if measured else _dense_table(p, c, dtype, bpp)
     lines += [
         "",
         f"FLOPs/token  {flops_per_token(c, 0) / 1e6:,.1f} MFLOP at context 0; "
@@ -47,3 +46,25 @@ def format_info(c: ModelConfig, dtype: str = "float32", source: Path | str = "")
         "(sliding layers hold only their window)",
     ]
     return "\n".join(lines)
+
+
+def _dense_table(p, c: ModelConfig, dtype: str, bpp: int) -> list[str]:
+    lines = [f"{'component':<12}{'params':>14}{'share':>8}{'bytes (' + dtype + ')':>20}"]
+    for name, n in p.as_dict().items():
+        note = " (tied: shares the embedding)" if name == "head" and c.tie_word_embeddings else ""
+        lines.append(f"{name:<12}{n:>14,}{n / p.total:>8.1%}{_size(n * bpp):>20}{note}")
+    lines.append(f"{'total':<12}{p.total:>14,}{1:>8.0%}{_size(p.total * bpp):>20}")
+    return lines
+
+
+def _measured_table(m: dict[str, dict[str, int]], c: ModelConfig) -> list[str]:
+    total_p = sum(v["params"] for v in m.values()) or 1
+    total_b = sum(v["bytes"] for v in m.values())
+    lines = [f"{'component':<12}{'weights':>14}{'share':>8}{'bytes (stored)':>20}{'bits/weight':>13}"]
+    for name, v in m.items():
+        bits = f"{8 * v['bytes'] / v['params']:.2f}" if v["params"] else "—"
+        note = " (tied: shares the embedding)" if name == "head" and c.tie_word_embeddings and not v["bytes"] else ""
+        lines.append(f"{name:<12}{v['params']:>14,}{v['params'] / total_p:>8.1%}{_size(v['bytes']):>20}"
+                     f"{bits:>13}{note}")
+    lines.append(f"{'total':<12}{total_p:>14,}{1:>8.0%}{_size(total_b):>20}{8 * total_b / total_p:>13.2f}")
+    return lines

@@ -44,8 +44,10 @@ METHODS: dict[str, list[dict]] = {
     "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5}],
     "svd": [{"method": "svd", "param_ratio": 0.5}],
     "asvd": [{"method": "asvd", "param_ratio": 0.5}],
-    "shortgpt": [{"method": "shortgpt", "n_layers": 2, "layers": 2}],
-    "channels": [{"method": "channels", "sparsity": 0.25, "ratio": 0.25}],
+    "shortgpt": [{"method": "shortgpt", "n_layers": 2}],
+    "channels": [{"method": "channels", "ffn_sparsity": 0.25, "head_sparsity": 0.5}],
+    "shortgpt_distill": [{"method": "shortgpt", "n_layers": 1},
+                         {"method": "distill", "steps": 2, "batch_size": 2, "holdout": 0.25}],
     "wanda_then_rtn": [{"method": "wanda", "sparsity": 0.5}, {"method": "rtn", "bits": 4, "group_size": 32}],
 }
 
@@ -56,6 +58,7 @@ def _step(d: dict) -> Step:
 
     from leanfm.compress.api import _REGISTRY
 
+    method_names()  # loads the registry
     d = dict(d)
     fields = {f.name for f in dataclasses.fields(_REGISTRY[d["method"]][0])} | {"method", "include"}
     return Step.from_dict({k: v for k, v in d.items() if k in fields})
@@ -178,11 +181,7 @@ def test_resized_linears_heads_and_removed_layers(tmp_path):
     q, o = nn.Linear(64, 32, bias=False), nn.Linear(32, 64, bias=False)
     q.weight.data, o.weight.data = attn.q_proj.weight.data[q_rows].clone(), attn.o_proj.weight.data[:, q_rows].clone()
     attn.q_proj, attn.o_proj, attn.n_heads = q, o, 2
-    kept = [0, 1, 3, 4, 5]  # remove layer 2
-    model.model.layers = nn.ModuleList(layers[i] for i in kept)
-    model.config = model.config.replace(num_hidden_layers=5, layer_types=tuple(model.config.layer_types[i]
-                                                                               for i in kept))
-    model._layer_rope = [model._layer_rope[i] for i in kept]
+    model.remove_layers([2])
     with torch.no_grad():
         ref = model.compute_logits(model(ids, torch.arange(16)))
     out = save_compressed(model, None, tmp_path / "pruned")
