@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -134,7 +135,14 @@ def info(model: ModelOpt = "gemma-3-270m", dtype: DtypeOpt = "float32") -> None:
 
     setup_torch(0, dtype, None)
     config, source = read_config(model)
-    typer.echo(format_info(config, DTYPES[dtype], source))
+    measured, extra = None, None
+    if Path(source).is_dir() and (Path(source) / "leanfm_compressed.json").is_file():
+        from leanfm.checkpoint.artifact import describe
+
+        measured, extra = describe(source)
+    typer.echo(format_info(config, DTYPES[dtype], source, measured=measured))
+    if extra:
+        typer.echo(extra)
 
 
 @app.command()
@@ -156,6 +164,9 @@ def convert(
 
 def _register_measure_commands() -> None:
     from leanfm.bench.commands import bench_cmd, eval_cmd, report_cmd
+    from leanfm.cli_compress import compress_cmd
+
+    app.command("compress", help=compress_cmd.__doc__)(compress_cmd)
 
     app.command("eval", help=eval_cmd.__doc__)(eval_cmd)
     app.command("bench", help=bench_cmd.__doc__)(bench_cmd)
