@@ -7,7 +7,9 @@ Of every M consecutive input weights of a row only N are stored (leanfm.ops.spar
                             four to a byte (2 bits each): [out, ceil(in*N/M / 4)]
 
 so a 2:4 fp32 weight takes 50% + 1/16 of its dense bytes. The forward scatters the values into a
-dense weight and calls F.linear (nothing is cached, so memory stays compressed).
+dense weight and calls F.linear (nothing is cached, so memory stays compressed); at decode time a 2:4
+layer runs leanfm's C++ kernel instead (leanfm.ops.kernels.sparse), which reads only the compressed
+bytes: about half of a dense fp32 layer's.
 
     n = pack_nm_(model, 2, 4)      # every plain nn.Linear whose weight is 2:4 sparse -> SparseLinear
 """
@@ -19,10 +21,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanfm.models.forms import register_form
+from leanfm.ops.kernels.sparse import linear_nm
 from leanfm.ops.sparsity import (
     is_nm_sparse,
     nm_compress,
@@ -89,8 +91,7 @@ class SparseLinear(nn.Module):
         return self.dense_weight()
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dense_weight(x.dtype), bias)
+        return linear_nm(x, self.values, self.indices, self.n, self.m, self.in_features, self.bias)
 
     @property
     def weight_bits(self) -> float:

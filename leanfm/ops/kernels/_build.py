@@ -27,7 +27,7 @@ import torch
 log = logging.getLogger("leanfm.ops.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ops.cpp", "skinny_fp32.cpp", "skinny_bf16.cpp")
+SOURCES = ("ops.cpp", "skinny_fp32.cpp", "skinny_bf16.cpp", "sparse_nm.cpp", "sparse_nm_ops.cpp")
 CFLAGS = ("-O3", "-fopenmp", "-Wall")  # ISA flags are per file (#pragma GCC target), see kernels.h
 LDFLAGS = ("-fopenmp",)
 
@@ -40,7 +40,7 @@ def library_name() -> str:
     for path in sorted(CSRC.iterdir()):  # sources and headers
         if path.suffix in (".cpp", ".h"):
             h.update(path.name.encode() + b"\0" + path.read_bytes())
-    key = [torch.__version__, sys.version.split()[0], platform.machine(), *CFLAGS, *LDFLAGS]
+    key = [torch.__version__, sys.version.split()[0], platform.machine(), *CFLAGS, *LDFLAGS, *SOURCES]
     h.update("\0".join(key).encode())
     return f"leanfm_kernels_{h.hexdigest()[:16]}"
 
