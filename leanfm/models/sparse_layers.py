@@ -125,7 +125,7 @@ def pack_nm_(model: nn.Module, n: int = 2, m: int = 4, names: Iterable[str] | No
 
     names=None: every nn.Linear whose weight is n:m sparse (dense ones are left alone). With names, each
     named module must be an n:m-sparse nn.Linear (ValueError otherwise). A weight shared with another
-    module (a tied LM head) is never packed: the embedding still needs it dense.
+    module (a tied LM head) is never packed (and not counted): the embedding still needs it dense.
     """
     shared = _shared_weights(model)
     wanted = None if names is None else set(names)
@@ -133,10 +133,10 @@ def pack_nm_(model: nn.Module, n: int = 2, m: int = 4, names: Iterable[str] | No
     for name, mod in list(model.named_modules()):
         if wanted is not None and name not in wanted:
             continue
-        ok = isinstance(mod, nn.Linear) and id(mod.weight) not in shared and is_nm_sparse(mod.weight, n, m)
-        if not ok:
-            if wanted is not None:
-                raise ValueError(f"{name} is not an untied nn.Linear with {n}:{m} sparse weights; cannot pack it")
+        ok = isinstance(mod, nn.Linear) and is_nm_sparse(mod.weight, n, m)
+        if not ok and wanted is not None:
+            raise ValueError(f"{name} is not an nn.Linear with {n}:{m} sparse weights; cannot pack it")
+        if not ok or id(mod.weight) in shared:
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, SparseLinear.from_linear(mod, n, m))

@@ -69,3 +69,5 @@ def test_pack_nm_converts_only_nm_sparse_untied_linears():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="o_proj"):
         pack_nm_(model, 2, 4, names=["model.layers.0.self_attn.o_proj"])
+    assert pack_nm_(model, 2, 4, names=["lm_head"]) == 0  # tied to the embedding: stays dense
+    assert type(model.lm_head) is nn.Linear

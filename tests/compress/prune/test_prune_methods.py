@@ -120,3 +120,15 @@ def test_nm_width_checked_before_any_work():
 def test_calibrated_pruners_need_calibration():
     with pytest.raises(ConfigError, match="calibration"):
         compress_(make_tiny_model("llama"), WandaConfig(0.5), progress=False)
+
+
+def test_lm_head_can_be_pruned_tied_heads_stay_dense_storage():
+    model = make_tiny_model("llama")  # untied: the calibration walk's head step feeds lm_head
+    report = compress_(model, Step(WandaConfig(sparsity=0.5, pattern="2:4", pack=True), include=("lm_head",)),
+                       calibration=calibration(), progress=False)
+    assert isinstance(model.lm_head, SparseLinear) and report.steps[0]["modules"] == 1
+    assert check_nm(model.lm_head.dense_weight(), 2, 4)
+    tied = make_tiny_model("gemma3")
+    report = compress_(tied, Step(MagnitudeConfig(pattern="2:4", pack=True), include=("lm_head",)), progress=False)
+    assert report.steps[0]["packed"] == 0 and type(tied.lm_head) is nn.Linear
+    assert check_nm(tied.lm_head.weight, 2, 4) and tied.model.embed_tokens.weight is tied.lm_head.weight
