@@ -147,18 +147,37 @@ def info(model: ModelOpt = "gemma-3-270m", dtype: DtypeOpt = "float32") -> None:
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="alias or .gguf file")],
-    dst: Annotated[str, typer.Argument(help="output Hugging Face directory")],
+    src: Annotated[str, typer.Argument(help="alias, .gguf file, HF directory or compressed artifact")],
+    dst: Annotated[str, typer.Argument(help="output HF directory, or a .gguf file")],
+    type_: Annotated[str | None, typer.Option("--type", help="GGUF tensor type: f32, f16, q8_0, q4_0 "
+                                                             "(DST ending in .gguf) [default: f16]")] = None,
     dtype: DtypeOpt = "float32",
     overwrite: Annotated[bool, typer.Option(help="replace DST if it exists")] = False,
 ) -> None:
-    """Convert a GGUF (or any loadable model) into a Hugging Face directory transformers loads."""
-    from leanfm.checkpoint.hf import save_hf_dir
-    from leanfm.checkpoint.loader import load_model
+    """Convert a model into a Hugging Face directory transformers loads, or (DST.gguf) a GGUF llama.cpp loads.
 
-    torch_dtype, _ = setup_torch(0, dtype, None)
+    Compressed artifacts are written dequantized (their float weights, real layer count and widths).
+    """
+    from leanfm.checkpoint.gguf_export import GGUF_TYPES, dense_model, export_gguf
+    from leanfm.checkpoint.hf import save_hf_dir
+    from leanfm.checkpoint.loader import ALIASES, load_model
+
+    to_gguf = dst.lower().endswith(".gguf")
+    if type_ is not None and (not to_gguf or type_.lower() not in GGUF_TYPES):
+        raise typer.BadParameter(f"{type_!r}: choose one of {', '.join(GGUF_TYPES)}, with a DST ending in .gguf",
+                                 param_hint="--type")
+    if to_gguf and Path(dst).exists() and not overwrite:
+        raise LeanfmError(f"{dst} exists; choose another path or pass --overwrite")
+    torch_dtype, _ = setup_torch(0, "float32" if to_gguf else dtype, None)
     loaded = load_model(src, dtype=torch_dtype, progress=True)
-    out = save_hf_dir(loaded.model, dst, tokenizer=loaded.tokenizer, overwrite=overwrite)
+    model = loaded.model
+    if to_gguf:
+        source = loaded.gguf_path or (ALIASES[src].gguf_path() if src in ALIASES else None)
+        out = export_gguf(model, loaded.tokenizer, dst, type_ or "f16", source_gguf=source, overwrite=overwrite)
+    else:
+        if any(hasattr(m, "form_spec") for m in model.modules()):
+            model = dense_model(model).to(torch_dtype)
+        out = save_hf_dir(model, dst, tokenizer=loaded.tokenizer, overwrite=overwrite)
     typer.echo(f"wrote {out}")
 
 
