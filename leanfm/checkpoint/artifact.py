@@ -120,6 +120,13 @@ def _write_weights(state: dict[str, Tensor], path: Path) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
+def _chmod_default(path: Path, mode: int) -> None:
+    """The permissions a plain mkdir/open would give (mkdtemp and safetensors create owner-only ones)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(mode & ~umask)
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
@@ -159,12 +166,14 @@ def save_compressed(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike
         "compress": report.to_dict() if hasattr(report, "to_dict") else report,
     }
     with atomic_dir(out, overwrite=replace) as tmp:
+        _chmod_default(tmp, 0o777)
         config = model.config
         (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(config, float_dtype), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(hf._generation_config(config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_hf_dir(tmp)
         _write_weights(state, tmp / WEIGHTS_NAME)
+        _chmod_default(tmp / WEIGHTS_NAME, 0o666)
         sizes.update(weights_file_bytes=(tmp / WEIGHTS_NAME).stat().st_size, disk_bytes=_dir_bytes(tmp))
         manifest["sizes"] = sizes
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
