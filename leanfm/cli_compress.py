@@ -261,6 +261,10 @@ def compress_cmd(
         typer.echo("interrupted: nothing written", err=True)
         raise typer.Exit(130) from None
     record = {**report.to_dict(), "model": model, "dtype": dtype_name}
+    if (loaded.path / "leanfm_compressed.json").is_file():  # compressing an artifact further: keep its history
+        from leanfm.checkpoint.artifact import read_manifest
+
+        record["previous"] = read_manifest(loaded.path).get("compress")
     path = save_compressed(loaded.model, loaded.tokenizer, out, record, overwrite=overwrite)
     typer.echo(f"compressed {model} -> {path}")
     for step in report.steps:

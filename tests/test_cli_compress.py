@@ -96,6 +96,25 @@ def test_wanda_artifact_works_with_eval_generate_info(tiny_model_dir, corpus, tm
     assert info.exit_code == 0 and "bits/weight" in info.output and "wanda" in info.output
 
 
+def test_structured_flags_and_compressing_an_artifact_again(tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "short"
+    res = compress("-m", tiny_model_dir, "--method", "shortgpt", "--layers", 2, *calib(corpus), "-o", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+    out2 = tmp_path / "short_channels"
+    res = compress("-m", out, "--method", "channels", "--sparsity", 0.5, "--set", "head_sparsity=0.5",
+                   *calib(corpus), "-o", out2)
+    assert res.exit_code == 0, res.output
+    m = read_manifest(out2)
+    assert m["compress"]["recipe"]["steps"][0]["ffn_sparsity"] == 0.5
+    assert m["compress"]["previous"]["recipe"]["steps"][0]["method"] == "shortgpt"
+    assert m["modules"]["model.layers.0.mlp.up_proj"]["out_features"] == 64 and m["attention_heads"]
+    info = runner.invoke(app, ["info", "--model", str(out2)])
+    assert "resized linears" in info.output and "query heads pruned in 4 layers" in info.output
+    model = loader.load_model(str(out2)).model
+    assert model.model.layers[0].self_attn.n_heads == 2
+
+
 RECIPE = """
 steps:
   - {method: magnitude, sparsity: 0.25}

@@ -301,7 +301,11 @@ def describe(path: str | os.PathLike) -> tuple[dict[str, dict[str, int]], str]:
     def fmt(x: float | None) -> str:
         return "—" if x is None else f"{x:.2f}"
 
+    resized = sum(1 for spec in m.get("modules", {}).values() if spec.get("form") == "linear")
+    heads = m.get("attention_heads") or {}
+    structure = "".join([f"; {resized} resized linears" if resized else "",
+                         f"; query heads pruned in {len(heads)} layers" if heads else ""])
     line = (f"compressed   {recipe}; {fmt(bpw.get('overall'))} bits/weight (decoder layers "
             f"{fmt(bpw.get('decoder_layers'))}, embedding+head {fmt(bpw.get('embedding_head'))}); "
-            f"{sizes.get('disk_bytes', 0) / 2**20:.1f} MiB on disk")
+            f"{sizes.get('disk_bytes', 0) / 2**20:.1f} MiB on disk{structure}")
     return sizes.get("components") or {}, line
