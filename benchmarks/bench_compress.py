@@ -32,7 +32,7 @@ VARIANTS: dict[str, list[dict]] = {
     "magnitude-50": [{"method": "magnitude", "sparsity": 0.5}],
     "wanda-50": [{"method": "wanda", "sparsity": 0.5}],
     "sparsegpt-50": [{"method": "sparsegpt", "sparsity": 0.5}],
-    "sparsegpt-2:4": [{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}],
+    "sparsegpt-2:4": [{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "pack": True}],
     "svd-0.8": [{"method": "svd", "param_ratio": 0.8}],
     "asvd-0.8": [{"method": "asvd", "param_ratio": 0.8}],
     "shortgpt-3": [{"method": "shortgpt", "n_layers": 3}],

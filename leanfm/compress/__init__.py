@@ -25,3 +25,15 @@ __all__ = [
     "CompressContext", "CompressReport", "ConfigError", "MethodConfig", "Override", "Recipe", "Step",
     "compress_", "config_from_dict", "method_names", "register",
 ]
+
+
+def __getattr__(name: str):
+    """Method configs by class name (`from leanfm.compress import GPTQConfig`), loaded on first use."""
+    from leanfm.compress.api import _REGISTRY, _load_methods
+
+    if name.endswith("Config"):
+        _load_methods()
+        for cls, _ in _REGISTRY.values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module 'leanfm.compress' has no attribute {name!r}")
