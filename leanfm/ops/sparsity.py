@@ -45,12 +45,19 @@ def prune_lowest(scores: Tensor, k: int | Tensor, per_row: bool) -> Tensor:
     """Keep-mask pruning the k lowest scores of each row (per_row) or of the whole tensor.
     Ties: the lower (flattened) index is pruned first."""
     flat = scores if per_row else scores.reshape(1, -1)
-    k = int(k)
-    keep = torch.ones(flat.shape, dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(flat, dim=-1, stable=True).indices[..., :k]
-        keep.scatter_(-1, order, False)
-    return keep.reshape(scores.shape)
+    k, width = int(k), flat.shape[-1]
+    if k <= 0 or k >= width:
+        return torch.full(scores.shape, k <= 0, dtype=torch.bool, device=scores.device)
+    if width <= 64:  # short rows (N:M groups): a stable sort is cheapest
+        keep = torch.ones(flat.shape, dtype=torch.bool, device=scores.device)
+        keep.scatter_(-1, torch.sort(flat, dim=-1, stable=True).indices[..., :k], False)
+        return keep.reshape(scores.shape)
+    # long rows: the k-th smallest value (linear time), then ties at it pruned in index order
+    thresh = flat.kthvalue(k, dim=-1, keepdim=True).values
+    below, tie = flat < thresh, flat == thresh
+    need = k - below.sum(-1, keepdim=True)
+    prune = below | (tie & (tie.cumsum(-1) <= need))
+    return (~prune).reshape(scores.shape)
 
 
 def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool = True) -> Tensor:

@@ -15,6 +15,7 @@ from leanfm.ops.sparsity import (
     nm_mask,
     pack_indices_2bit,
     parse_pattern,
+    prune_lowest,
     unpack_indices_2bit,
     unstructured_mask,
     wanda_scores,
@@ -116,3 +117,15 @@ def test_2bit_index_packing_round_trips(length):
     assert packed.shape == (5, (length + 3) // 4) and packed.dtype == torch.uint8
     assert torch.equal(unpack_indices_2bit(packed, length), idx)
     assert pack_indices_2bit(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)).item() == 1 | 2 << 2 | 3 << 4
+
+
+@pytest.mark.parametrize("width", [5, 64, 65, 300])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_prune_lowest_equals_a_stable_sort_selection_with_many_ties(width, per_row):
+    s = torch.randint(0, 4, (9, width), generator=torch.Generator().manual_seed(width)).float()  # many ties
+    for k in (0, 1, width // 3, width - 1, width):
+        keep = prune_lowest(s, k, per_row)
+        flat = s if per_row else s.reshape(1, -1)
+        expect = torch.ones(flat.shape, dtype=torch.bool)
+        expect.scatter_(-1, torch.sort(flat, dim=-1, stable=True).indices[..., :k], False)
+        assert torch.equal(keep, expect.reshape(s.shape)), k

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from leanfm.compress.api import CompressContext, ConfigError, MethodConfig, register
 from leanfm.compress.calibrate import LayerwiseCalibration
-from leanfm.compress.prune.common import ColumnNorms, InputStats
+from leanfm.compress.prune.common import CALIB_BATCH, ColumnNorms, InputStats
 from leanfm.models.blocks import Attention, GatedMLP
 from leanfm.ops.sparsity import prune_lowest
 
@@ -179,7 +179,7 @@ def apply_channel_prune(model: nn.Module, config: ChannelPruneConfig, ctx: Compr
         for i in ctx.bar(sorted(by_layer), "channels"):
             _prune_layer(by_layer[i], {}, structure)
     else:
-        walk = LayerwiseCalibration(model, ctx.require_calibration(), include_head=False)
+        walk = LayerwiseCalibration(model, ctx.require_calibration(), include_head=False, batch_size=CALIB_BATCH)
         last = max(by_layer)
         for _, step in zip(ctx.bar(range(last + 1), "channels"), walk, strict=False):
             targets = by_layer.get(step.index, {})

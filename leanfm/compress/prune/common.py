@@ -19,7 +19,8 @@ from leanfm.compress.calibrate import CalibrationStep, LayerwiseCalibration
 from leanfm.models.sparse_layers import pack_nm_
 from leanfm.ops.sparsity import nm_mask, parse_pattern, unstructured_mask
 
-__all__ = ["ColumnNorms", "Hessian", "InputStats", "PruneConfig", "PruneTally", "calibrated_layers", "layer_of"]
+__all__ = ["CALIB_BATCH", "ColumnNorms", "Hessian", "InputStats", "PruneConfig", "PruneTally", "calibrated_layers",
+           "layer_of"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class InputStats:
 
 
 # --- the layer-wise driver ----------------------------------------------------------------------
+CALIB_BATCH = 4  # calibration samples per layer forward (larger GEMMs; hidden states are small)
 Target = tuple[str, str, nn.Module, MethodConfig]  # (name inside the step, full name, module, config)
 
 
@@ -189,7 +191,7 @@ def calibrated_layers(model: nn.Module, ctx: CompressContext, desc: str
     if not by_layer:
         return
     last = max(by_layer)
-    walk = LayerwiseCalibration(model, tokens, include_head=n_layers in by_layer)
+    walk = LayerwiseCalibration(model, tokens, include_head=n_layers in by_layer, batch_size=CALIB_BATCH)
     for _, step in zip(ctx.bar(range(last + 1), desc), walk, strict=False):
         targets = [(name[len(step.prefix) + 1:] if step.prefix else name, name, module, cfg)
                    for name, module, cfg in by_layer.get(step.index, [])]
