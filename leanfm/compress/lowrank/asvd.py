@@ -53,15 +53,26 @@ class ASVDConfig(LowRankConfig):
 
 
 class _Stats:
-    """Running per-module input statistics: sum |x| per channel (asvd) or X^T X (whiten), in float64."""
+    """Running per-module input statistics: sum |x| per channel (asvd) or X^T X (whiten), in float64.
 
-    def __init__(self, whiten: bool):
-        self.whiten, self.total, self.n = whiten, None, 0
+    Modules fed the very same input (q/k/v, gate/up) share one computation through `memo`: it holds
+    the last input seen with its statistic, and keeps that tensor alive so its address cannot be reused."""
+
+    def __init__(self, whiten: bool, memo: dict):
+        self.whiten, self.memo, self.total, self.n = whiten, memo, None, 0
+
+    def _part(self, x: Tensor) -> Tensor:
+        last = self.memo.get(self.whiten)
+        if last is not None and last[0].data_ptr() == x.data_ptr() and last[0].shape == x.shape:
+            return last[1]
+        xf = x.detach().float()
+        part = (xf.T @ xf if self.whiten else xf.abs().sum(0)).double()  # fp32 per sample, summed in fp64
+        self.memo[self.whiten] = (x, part)
+        return part
 
     def __call__(self, x: Tensor) -> None:
-        x = x.detach().float()
-        part = x.T @ x if self.whiten else x.abs().sum(0)  # fp32 per sample, accumulated in fp64
-        self.total = part.double() if self.total is None else self.total + part.double()
+        part = self._part(x)
+        self.total = part.clone() if self.total is None else self.total + part
         self.n += x.shape[0]
 
     def mean(self) -> Tensor:
@@ -114,9 +125,11 @@ def apply_asvd(model: nn.Module, config: ASVDConfig, ctx: CompressContext) -> di
     for step in walk:
         items = groups.get(step.prefix, [])
         if items:
-            stats = {rel: _Stats(cfg.variant == "whiten") for rel, _, _, cfg in items}
+            memo: dict = {}
+            stats = {rel: _Stats(cfg.variant == "whiten", memo) for rel, _, _, cfg in items}
             hooks: dict[str, Callable[[Tensor], None]] = dict(stats)
             step.feed(hooks)
+            memo.clear()
             for rel, name, module, cfg in items:
                 tally.replace(model, name, module, *_factorize(module, cfg, stats[rel]))
             remaining.discard(step.prefix)

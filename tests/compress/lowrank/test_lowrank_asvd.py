@@ -105,3 +105,16 @@ def test_energy_measures_the_scaled_spectrum():
 def test_bad_asvd_configs(bad, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"method": "asvd", **bad})
+
+
+def test_stats_share_work_only_for_the_same_input():
+    from leanfm.compress.lowrank.asvd import _Stats
+
+    memo: dict = {}
+    a, b = _Stats(True, memo), _Stats(True, memo)
+    x, y = torch.randn(10, 4), torch.randn(10, 4)
+    a(x), b(x.reshape(-1, 4))  # same storage: computed once
+    assert memo[True][1] is not None and torch.equal(a.total, b.total)
+    a(y)
+    torch.testing.assert_close(a.mean(), ((x.T @ x + y.T @ y) / 20).double())
+    torch.testing.assert_close(b.mean(), (x.T @ x / 10).double())
