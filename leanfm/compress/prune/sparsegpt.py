@@ -29,7 +29,7 @@ from leanfm.compress.prune.common import (
 )
 from leanfm.ops.sparsity import nm_mask, prune_lowest
 
-__all__ = ["SparseGPTConfig", "apply_sparsegpt", "sparsegpt_prune"]
+__all__ = ["SparseGPTConfig", "apply_sparsegpt", "prepare_hessian", "sparsegpt_prune"]
 
 
 @dataclass(frozen=True)
@@ -58,56 +58,58 @@ class SparseGPTConfig(PruneConfig):
         layer_of(name)
 
 
-def _inverse_cholesky_upper(h: Tensor) -> Tensor:
-    """Upper Cholesky factor U of h^-1 (h^-1 = U^T U)."""
-    chol, info = torch.linalg.cholesky_ex(h)
+def prepare_hessian(h: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """(U, dead) for a Hessian h [K, K]: U the upper Cholesky factor of (h + damp * mean(diag) I)^-1, with
+    inputs that never fire (`dead`, zero diagonal) set to identity rows first. Shareable by every layer
+    fed the same inputs (q/k/v, gate/up)."""
+    H = h.detach().float().clone()
+    dead = H.diagonal() == 0  # inputs that never fire: their weights do not matter
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    chol, info = torch.linalg.cholesky_ex(H)
     if info.item():
         raise ValueError("the damped Hessian is not positive definite; increase damp")
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True), dead
 
 
-def sparsegpt_prune(w: Tensor, h: Tensor, sparsity: float = 0.5, n: int | None = None, m: int | None = None,
-                    block_size: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+def sparsegpt_prune(w: Tensor, h: Tensor | None, sparsity: float = 0.5, n: int | None = None, m: int | None = None,
+                    block_size: int = 128, damp: float = 0.01,
+                    prepared: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Prune w [N, K] given the input Hessian h [K, K]; returns (new weight in w's dtype, keep-mask).
 
     Unstructured (n = m = None): exactly round(sparsity * numel) weights are zeroed; with n:m every group
     of m consecutive inputs keeps exactly n. The kept weights are updated to reconstruct w @ X^T.
+    prepared: prepare_hessian(h, damp), when already computed (h is then not read).
     """
-    nm = (n, m) if n is not None else None
-    W = w.detach().float().clone()
-    rows, cols = W.shape
-    H = h.detach().float().clone()
-    dead = H.diagonal() == 0  # inputs that never fire: their weights do not matter
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H.diagonal().add_(damp * H.diagonal().mean())
-    U = _inverse_cholesky_upper(H)
-    keep = torch.ones(rows, cols, dtype=torch.bool)
+    U, dead = prepared if prepared is not None else prepare_hessian(h, damp)
+    rows, cols = w.shape
+    # the sweep runs on W^T (columns of W contiguous): each step is one rank-1 update (BLAS ger)
+    Wt = w.detach().float().T.contiguous()
+    Wt[dead] = 0.0
+    keep_t = torch.ones(cols, rows, dtype=torch.bool)
     pruned = 0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        B, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
         d = U1.diagonal()
-        Q1, E1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        if nm is None:
-            count = min(round(sparsity * rows * i2) - pruned, W1.numel())
-            mask1 = prune_lowest(W1.pow(2) / d.pow(2), count, per_row=False)
+        Q, E = torch.zeros_like(B), torch.zeros_like(B)
+        mask = keep_t[i1:i2]
+        if n is None:  # adaptive: this block's mask from its current weights, ties in W's index order
+            count = min(round(sparsity * rows * i2) - pruned, B.numel())
+            mask.copy_(prune_lowest((B.pow(2) / d.pow(2).unsqueeze(1)).T, count, per_row=False).T)
             pruned += count
-        else:
-            mask1 = torch.ones_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                j = slice(i, i + nm[1])
-                mask1[:, j] = nm_mask(W1[:, j].pow(2) / d[j].pow(2), *nm)
-            col = W1[:, i]
-            q = col * mask1[:, i]
+            if n is not None and i % m == 0:
+                j = slice(i, i + m)
+                mask[j] = nm_mask((B[j].pow(2) / d[j].pow(2).unsqueeze(1)).T, n, m).T
+            col = B[i]
+            q = col * mask[i]
             err = (col - q) / d[i]
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
-            Q1[:, i], E1[:, i] = q, err
-        W[:, i1:i2] = Q1
-        keep[:, i1:i2] = mask1
-        W[:, i2:].sub_(E1 @ U[i1:i2, i2:])
-    return W.to(w.dtype), keep
+            B[i:].addr_(U1[i, i:], err, alpha=-1.0)
+            Q[i], E[i] = q, err
+        Wt[i1:i2] = Q
+        Wt[i2:].sub_(U[i1:i2, i2:].T @ E)
+    return Wt.T.to(w.dtype).contiguous(), keep_t.T.contiguous()
 
 
 @register(SparseGPTConfig)
@@ -117,11 +119,16 @@ def apply_sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: CompressCont
         stats = InputStats(Hessian)
         step.feed(stats.hooks([sub for sub, *_ in targets]))
         stats.done()
+        prepared: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}  # shared inputs -> one factorization
         for sub, name, module, cfg in targets:
             nm = cfg.nm or (None, None)
+            acc = stats[sub]
             try:
-                new, keep = sparsegpt_prune(module.weight, stats[sub].mean(), cfg.sparsity, *nm, cfg.block_size,
-                                            cfg.damp)
+                key = (id(acc), cfg.damp)
+                if key not in prepared:
+                    prepared[key] = prepare_hessian(acc.mean(), cfg.damp)
+                new, keep = sparsegpt_prune(module.weight, None, cfg.sparsity, *nm, cfg.block_size, cfg.damp,
+                                            prepared=prepared[key])
             except ValueError as e:
                 raise ConfigError(f"sparsegpt: {name}: {e}") from None
             module.weight.data.copy_(new)
