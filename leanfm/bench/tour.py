@@ -29,14 +29,17 @@ from leanfm.utils.errors import LeanfmError
 
 _LAYERS_AND_HEAD = ["model.layers.*", "lm_head"]
 
-# name -> recipe (Recipe.to_dict() form). "base" is the float model itself.
+# name -> recipe (Recipe.to_dict() form). "base" is the float model itself. The 4-bit rows quantize the
+# decoder layers at 4 bits (group 128) and the LM head - tied to the embedding, 63% of gemma-3-270m's
+# weights - at 8 bits, as llama.cpp's Q4_K_M does; "int4-all" puts the head at 4 bits too (the smallest).
+_HEAD8 = {"method": "rtn", "bits": 8, "group_size": -1, "include": ["lm_head"]}
 RECIPES: dict[str, list[dict[str, Any]]] = {
     "int8": [{"method": "rtn", "bits": 8, "group_size": -1, "include": _LAYERS_AND_HEAD}],
-    "rtn-4": [{"method": "rtn", "bits": 4, "group_size": 128, "include": _LAYERS_AND_HEAD}],
-    "gptq-4": [{"method": "gptq", "bits": 4, "group_size": 128, "include": _LAYERS_AND_HEAD}],
-    "awq-4": [{"method": "awq", "bits": 4, "group_size": 128, "include": _LAYERS_AND_HEAD}],
-    "wanda-50+int4": [{"method": "wanda", "sparsity": 0.5},
-                      {"method": "rtn", "bits": 4, "group_size": 128, "include": _LAYERS_AND_HEAD}],
+    "rtn-4": [{"method": "rtn", "bits": 4, "group_size": 128}, _HEAD8],
+    "gptq-4": [{"method": "gptq", "bits": 4, "group_size": 128}, _HEAD8],
+    "awq-4": [{"method": "awq", "bits": 4, "group_size": 128}, _HEAD8],
+    "int4-all": [{"method": "rtn", "bits": 4, "group_size": 128, "include": _LAYERS_AND_HEAD}],
+    "wanda-50+int4": [{"method": "wanda", "sparsity": 0.5}, {"method": "rtn", "bits": 4, "group_size": 128}, _HEAD8],
 }
 TOUR_VARIANTS = ("int8", "gptq-4", "wanda-50+int4")
 
@@ -156,6 +159,12 @@ def run_variant(name: str, cfg: TourConfig, base_params: int) -> dict[str, Any]:
                "reload_identical": bool(torch.equal(before, probe_logits(loaded.model)))}
     row.update(measure(loaded.model, loaded.tokenizer, cfg))
     row["bits_per_weight"] = row["disk_bytes"] * 8 / base_params
+    manifest = out / "leanfm_compressed.json"
+    if name != "base" and manifest.exists():  # bits per weight of the decoder layers and embedding/head apart
+        bpw = json.loads(manifest.read_text()).get("sizes", {}).get("bits_per_weight", {})
+        row["bpw_layers"], row["bpw_embedding_head"] = bpw.get("decoder_layers"), bpw.get("embedding_head")
+    else:
+        row["bpw_layers"] = row["bpw_embedding_head"] = 32.0
     return row
 
 
