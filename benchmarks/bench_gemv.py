@@ -1,6 +1,7 @@
 """Decode-time linear layers of Gemma 3 270M: torch F.linear vs the leanfm C++ kernels.
 
     python benchmarks/bench_gemv.py [--threads 2] [--rows 1] [--dtypes fp32,bf16] [--rounds 7]
+                                    [--quant q8,q4] [--group-size 32]
 
 For each (out, in) shape the weights are many fresh copies (>= --pool-mb per shape, well past the
 32 MB L3), visited round-robin, so every call streams its weights from DRAM as in a real model
@@ -10,6 +11,10 @@ seconds; --wait-idle waits for the other processes to go quiet before each timed
 
 GB/s counts weight bytes only. The "per token" row sums the shapes as one decode step of the real
 model (18 layers x q,k,v,o,gate,up,down + the LM head) and gives the linear-layer-only token rate.
+
+The q8 / q4 sections time the weight-only quantized kernels (leanfm.ops.kernels.quant.linear_quant,
+codes + fp32 scales and zeros per --group-size weights; their bytes count towards GB/s) against the
+leanfm fp32 kernel and torch's F.linear on the same shape in fp32, interleaved the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from leanfm.ops import kernels
+from leanfm.ops.kernels.quant import linear_quant, pack_codes
 
 # name, out_features, in_features, uses per token (Gemma 3 270M: 18 layers, tied 262144-token head)
 SHAPES = [
@@ -35,6 +41,7 @@ SHAPES = [
     ("lm_head", 262144, 640, 1),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUANT_BITS = {"q8": 8, "q4": 4}
 
 
 def make_pool(n: int, k: int, dtype: torch.dtype, pool_mb: float) -> list[torch.Tensor]:
@@ -66,7 +73,19 @@ def wait_idle(timeout: float) -> None:
             return
 
 
-def time_pass(fn, x: torch.Tensor, pool: list[torch.Tensor], idle_wait: float = 0.0) -> float:
+def make_quant_pool(n: int, k: int, bits: int, group_size: int, pool_mb: float) -> list[tuple]:
+    """Copies of (qweight, scales, zeros) in the leanfm storage format, >= pool_mb in all."""
+    per = n * k * bits // 8 + 8 * n * (k // group_size)
+    count = max(2, int(pool_mb * 2**20 // per) + 1)
+    pool = []
+    for _ in range(count):
+        q = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+        scales = torch.rand(n, k // group_size) * 0.01
+        pool.append((pack_codes(q, bits), scales, torch.full_like(scales, 2.0 ** (bits - 1))))
+    return pool
+
+
+def time_pass(fn, x: torch.Tensor, pool: list, idle_wait: float = 0.0) -> float:
     """Seconds per call, one call per weight copy."""
     if idle_wait:
         wait_idle(idle_wait)
@@ -76,28 +95,54 @@ def time_pass(fn, x: torch.Tensor, pool: list[torch.Tensor], idle_wait: float = 
     return (time.perf_counter() - t0) / len(pool)
 
 
-def bench_shape(n, k, dtype, rows, rounds, pool_mb, idle_wait, stat):
-    pool = make_pool(n, k, dtype, pool_mb)
-    x = torch.randn(rows, k).to(dtype)
-    impls = {"torch": F.linear, "leanfm": kernels.linear}
-    for fn in impls.values():  # warm-up: page-in, thread pool start, library load
+def run_impls(impls: dict, x: torch.Tensor, rounds: int, idle_wait: float, stat: str) -> dict:
+    """impls: name -> (fn(x, w), pool of w, bytes per w). Returns name -> (seconds, GB/s)."""
+    for fn, pool, _ in impls.values():  # warm-up: page-in, thread pool start, library load
         time_pass(fn, x, pool[:2])
     times = {name: [] for name in impls}
     for _ in range(rounds):
-        for name, fn in impls.items():
+        for name, (fn, pool, _) in impls.items():
             times[name].append(time_pass(fn, x, pool, idle_wait))
     out = {}
     for name, ts in times.items():
         t = statistics.median(ts) if stat == "median" else min(ts)
-        out[name] = (t, n * k * pool[0].element_size() / t / 1e9)
+        out[name] = (t, impls[name][2] / t / 1e9)
     return out
+
+
+def bench_shape(n, k, dtype, rows, rounds, pool_mb, idle_wait, stat):
+    pool = make_pool(n, k, dtype, pool_mb)
+    x = torch.randn(rows, k).to(dtype)
+    nbytes = n * k * pool[0].element_size()
+    impls = {"torch": (F.linear, pool, nbytes), "leanfm": (kernels.linear, pool, nbytes)}
+    return run_impls(impls, x, rounds, idle_wait, stat)
+
+
+def bench_quant_shape(n, k, bits, group_size, rows, rounds, pool_mb, idle_wait, stat):
+    """torch F.linear (fp32), the leanfm fp32 kernel and the leanfm quantized kernel."""
+    pool = make_pool(n, k, torch.float32, pool_mb)
+    qpool = make_quant_pool(n, k, bits, group_size, pool_mb)
+    x = torch.randn(rows, k)
+    qbytes = n * k * bits // 8 + 8 * n * (k // group_size)
+
+    def quant(x, w):
+        return linear_quant(x, *w, bits, group_size)
+
+    impls = {
+        "torch": (F.linear, pool, n * k * 4),
+        "fp32": (kernels.linear, pool, n * k * 4),
+        "quant": (quant, qpool, qbytes),
+    }
+    return run_impls(impls, x, rounds, idle_wait, stat), qbytes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=1, help="rows of x (batch * new tokens)")
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, may be empty")
+    ap.add_argument("--quant", default="q8,q4", help="weight-only quantized kernels to time (q8, q4)")
+    ap.add_argument("--group-size", type=int, default=32, help="quantization group size")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--pool-mb", type=float, default=320.0, help="weight copies per shape, MB")
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
@@ -118,7 +163,7 @@ def main() -> None:
         print(f"note: rows {args.rows} > LEANFM_KERNELS_MAX_ROWS={kernels.max_rows()}: leanfm falls back to "
               "F.linear; raise LEANFM_KERNELS_MAX_ROWS to time the kernel itself")
     wanted = set(filter(None, args.shapes.split(",")))
-    for dname in args.dtypes.split(","):
+    for dname in filter(None, args.dtypes.split(",")):
         dtype = DTYPES[dname]
         print(f"\n{dname}: {'shape':>10} {'(out, in)':>14} | {'torch ms':>9} {'GB/s':>6} | "
               f"{'leanfm ms':>9} {'GB/s':>6} | speedup")
@@ -139,6 +184,34 @@ def main() -> None:
             print(f"{dname}: {'per token':>10} {f'{nbytes / 1e6:.0f} MB':>14} | {tt * 1e3:9.2f} "
                   f"{nbytes / tt / 1e9:6.1f} | {lt * 1e3:9.2f} {nbytes / lt / 1e9:6.1f} | {tt / lt:5.2f}x"
                   f"   (linears only: {1 / tt:.1f} vs {1 / lt:.1f} tok/s)")
+
+    for qname in filter(None, args.quant.split(",")):
+        bench_quant(qname, QUANT_BITS[qname], args, wanted)
+
+
+def bench_quant(qname: str, bits: int, args, wanted: set[str]) -> None:
+    print(f"\n{qname}: {bits}-bit codes, fp32 scales and zeros per {args.group_size} weights; "
+          "torch and fp32 time the same shape with an fp32 weight")
+    print(f"{qname}: {'shape':>10} {'(out, in)':>14} | {'torch ms':>9} | {'fp32 ms':>9} {'GB/s':>6} | "
+          f"{qname + ' ms':>9} {'GB/s':>6} | vs fp32, vs torch")
+    tok = {"torch": 0.0, "fp32": 0.0, "quant": 0.0}
+    nbytes = 0
+    for name, n, k, uses in SHAPES:
+        if wanted and name not in wanted:
+            continue
+        r, qbytes = bench_quant_shape(n, k, bits, args.group_size, args.rows, args.rounds, args.pool_mb,
+                                      args.wait_idle, args.stat)
+        (tt, _), (ft, fg), (qt, qg) = r["torch"], r["fp32"], r["quant"]
+        print(f"{qname}: {name:>10} {f'({n}, {k})':>14} | {tt * 1e3:9.3f} | {ft * 1e3:9.3f} {fg:6.1f} | "
+              f"{qt * 1e3:9.3f} {qg:6.1f} | {ft / qt:5.2f}x {tt / qt:5.2f}x")
+        for key, t in (("torch", tt), ("fp32", ft), ("quant", qt)):
+            tok[key] += t * uses
+        nbytes += qbytes * uses
+    if not wanted:
+        tt, ft, qt = tok["torch"], tok["fp32"], tok["quant"]
+        print(f"{qname}: {'per token':>10} {f'{nbytes / 1e6:.0f} MB':>14} | {tt * 1e3:9.2f} | {ft * 1e3:9.2f} "
+              f"{'':>6} | {qt * 1e3:9.2f} {nbytes / qt / 1e9:6.1f} | {ft / qt:5.2f}x {tt / qt:5.2f}x"
+              f"   (linears only: {1 / qt:.1f} tok/s)")
 
 
 if __name__ == "__main__":

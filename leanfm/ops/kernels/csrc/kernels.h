@@ -31,4 +31,25 @@ void bf16_pack_x(const uint16_t* x, int64_t M, int64_t K, float* xp);
 void skinny_bf16(const float* xp, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                  float* y, int64_t N, int64_t n0, int64_t n1);
 
+// Weight-only quantized weights (format: leanfm/ops/kernels/quant.py), fp32 accumulation:
+//   W[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g],  g = k / group_size
+// computed as  y[m, n] = sum_g scales[n, g] * (dot_g(q[n], x[m]) - zeros[n, g] * xsum[m, g]).
+// Both kernels need K % 32 == 0 and group_size % 32 == 0.
+struct QuantArgs {
+  const float* x;       // x blocked by quant_prepare_x: x[m, 32b + j] at x[(b * M + m) * 32 + j]
+  const float* xsum;    // (M, G) sums of x over each group (quant_prepare_x)
+  int64_t M, K, G, group_size;
+  const uint8_t* q;     // (N, K) codes (8 bit) or (N, K / 2) Q4_0-style nibble pairs (4 bit)
+  const float* scales;  // (N, G)
+  const float* zeros;   // (N, G)
+  const float* bias;    // (N,) or nullptr
+  float* y;             // (M, N)
+  int64_t N;
+};
+// x (M, K) fp32 row-major -> xb (M * K) in the blocked order above and xsum (M, G).
+void quant_prepare_x(const float* x, int64_t M, int64_t K, int64_t group_size, float* xb,
+                     float* xsum);
+void skinny_q8(const QuantArgs& a, int64_t n0, int64_t n1);
+void skinny_q4(const QuantArgs& a, int64_t n0, int64_t n1);
+
 }  // namespace leanfm_kernels

@@ -3,6 +3,11 @@
 //   torch.ops.leanfm_kernels.linear_fp32(x, w, bias=None)  x fp32 (..., K), w fp32 (N, K)
 //   torch.ops.leanfm_kernels.linear_bf16(x, w, bias=None)  x fp32 or bf16, w bf16; fp32 accumulate;
 //                                                          output dtype = x dtype
+//   torch.ops.leanfm_kernels.linear_q8(x, qweight, scales, zeros, group_size, bias=None)
+//   torch.ops.leanfm_kernels.linear_q4(x, qweight, scales, zeros, group_size, bias=None)
+//       weight-only quantized W (format: leanfm/ops/kernels/quant.py): qweight uint8 (N, K) or
+//       (N, K / 2), scales and zeros fp32 (N, K / group_size); K and group_size multiples of 32;
+//       x fp32 or bf16; fp32 accumulation; output dtype = x dtype
 //   torch.ops.leanfm_kernels.cpu_supported()               AVX2 + FMA present
 //
 // Threads: at::parallel_for (torch's intra-op pool, so torch.set_num_threads applies) over blocks
@@ -13,6 +18,8 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "kernels.h"
 
@@ -136,21 +143,101 @@ at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& w,
   return at::empty(out_shape(x, w.size(0)), x.options());
 }
 
+void check_quant_args(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
+                      const at::Tensor& zeros, int64_t group_size,
+                      const std::optional<at::Tensor>& bias, int bits) {
+  const std::string op = "leanfm linear_q" + std::to_string(bits) + ": ";
+  TORCH_CHECK(x.dim() >= 1, op, "x must have at least 1 dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              op, "x must be float32 or bfloat16");
+  TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kByte, op, "qweight must be 2-D uint8");
+  const int64_t K = x.size(-1), N = qw.size(0);
+  TORCH_CHECK(K > 0 && K % 32 == 0, op, "in_features must be a positive multiple of 32, got ", K);
+  TORCH_CHECK(qw.size(1) * 8 == K * bits, op, "x has ", K, " features but qweight has shape ",
+              qw.sizes());
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
+              op, "group_size must be a multiple of 32 dividing ", K, ", got ", group_size);
+  const int64_t G = K / group_size;
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == G &&
+                    t->scalar_type() == at::kFloat,
+                op, "scales and zeros must be float32 of shape (", N, ", ", G, "), got ",
+                t->scalar_type(), " ", t->sizes());
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N,
+                op, "bias must have shape (", N, ",), got ", bias->sizes());
+  }
+}
+
+template <int bits>
+at::Tensor linear_quant(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& scales_in,
+                        const at::Tensor& zeros_in, int64_t group_size,
+                        const std::optional<at::Tensor>& bias_in) {
+  check_quant_args(x_in, qw, scales_in, zeros_in, group_size, bias_in, bits);
+  check_cpu(x_in, qw, bias_in);
+  TORCH_CHECK(scales_in.device().is_cpu() && zeros_in.device().is_cpu(),
+              "leanfm linear: CPU tensors only");
+  const bool x16 = x_in.scalar_type() == at::kBFloat16;
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();  // no copy for contiguous fp32
+  const at::Tensor scales = scales_in.contiguous(), zeros = zeros_in.contiguous();
+  std::optional<at::Tensor> bias;
+  if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
+  const int64_t M = leading_rows(x), K = x.size(-1), N = qw.size(0), G = K / group_size;
+  at::Tensor y = at::empty(out_shape(x_in, N), x_in.options());  // dtype of x
+  if (M == 0 || N == 0) return y;
+
+  std::vector<float> xb(M * K + M * G);  // x blocked for the kernel, then its group sums
+  float* xsum = xb.data() + M * K;
+  quant_prepare_x(x.data_ptr<float>(), M, K, group_size, xb.data(), xsum);
+  at::Tensor y32 = x16 ? at::empty({M, N}, x.options()) : y;
+  QuantArgs a{xb.data(), xsum, M, K, G, group_size, qw.data_ptr<uint8_t>(),
+              scales.data_ptr<float>(), zeros.data_ptr<float>(),
+              bias ? bias->data_ptr<float>() : nullptr, y32.data_ptr<float>(), N};
+  float* yp = a.y;
+  at::BFloat16* y16 = x16 ? y.data_ptr<at::BFloat16>() : nullptr;
+  split_columns(N, qw.size(1) + 8 * G, 1, [&](int64_t n0, int64_t n1) {
+    if constexpr (bits == 8)
+      skinny_q8(a, n0, n1);
+    else
+      skinny_q4(a, n0, n1);
+    if (y16)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) y16[m * N + n] = at::BFloat16(yp[m * N + n]);
+  });
+  return y;
+}
+
+template <int bits>
+at::Tensor linear_quant_meta(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
+                             const at::Tensor& zeros, int64_t group_size,
+                             const std::optional<at::Tensor>& bias) {
+  check_quant_args(x, qw, scales, zeros, group_size, bias, bits);
+  return at::empty(out_shape(x, qw.size(0)), x.options());
+}
+
 }  // namespace
 }  // namespace leanfm_kernels
 
 TORCH_LIBRARY(leanfm_kernels, m) {
   m.def("linear_fp32(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("linear_q8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
+        "Tensor? bias=None) -> Tensor");
+  m.def("linear_q4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
+        "Tensor? bias=None) -> Tensor");
   m.def("cpu_supported() -> bool", &leanfm_kernels::cpu_supported);
 }
 
 TORCH_LIBRARY_IMPL(leanfm_kernels, CPU, m) {
   m.impl("linear_fp32", &leanfm_kernels::linear_fp32);
   m.impl("linear_bf16", &leanfm_kernels::linear_bf16);
+  m.impl("linear_q8", &leanfm_kernels::linear_quant<8>);
+  m.impl("linear_q4", &leanfm_kernels::linear_quant<4>);
 }
 
 TORCH_LIBRARY_IMPL(leanfm_kernels, Meta, m) {
   m.impl("linear_fp32", &leanfm_kernels::linear_meta);
   m.impl("linear_bf16", &leanfm_kernels::linear_meta);
+  m.impl("linear_q8", &leanfm_kernels::linear_quant_meta<8>);
+  m.impl("linear_q4", &leanfm_kernels::linear_quant_meta<4>);
 }

@@ -1,0 +1,183 @@
+"""Weight-only quantized linear layers (int8 and packed int4) with C++ kernels for decode.
+
+Storage format (shared with the quantizers and QuantLinear; fixed). A weight W (N, K) = (out, in)
+is kept as unsigned codes q[n, k] in [0, 2**bits - 1] with fp32 `scales` and `zeros` of shape
+(N, G), G = K // group_size (group_size divides K; per-channel is group_size == K):
+
+    W[n, k] = (q[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
+
+zeros are integer-valued floats (symmetric quantization: zeros = 2**(bits - 1)).
+  * bits=8: qweight uint8 (N, K), one code per byte.
+  * bits=4: qweight uint8 (N, K // 2), K % 32 == 0, llama.cpp Q4_0-style nibbles per block of 32
+    codes along K: qweight[n, 16b + j] = q[n, 32b + j] | q[n, 32b + 16 + j] << 4, j < 16.
+
+    from leanfm.ops.kernels.quant import linear_quant, pack_codes
+    y = linear_quant(x, qweight, scales, zeros, bits=4, group_size=32, bias=None)
+
+`linear_quant` uses the C++ kernel (csrc/skinny_q8.cpp, skinny_q4.cpp) when all of these hold:
+  * the kernels are enabled and built (same switches as `leanfm.ops.kernels.linear`);
+  * everything on the CPU, qweight contiguous, no autograd needed;
+  * bits 4 or 8, group_size % 32 == 0 (hence K % 32 == 0), x fp32 or bf16, scales/zeros fp32;
+  * rows = x.numel() // K <= max_rows().
+The kernel reads only the codes, scales and zeros (0.5 or 1 byte per weight + 8 bytes per group),
+accumulates in fp32 and returns x's dtype. Otherwise (prefill, odd shapes, no kernels) it
+dequantizes W once per call, in chunks of rows to bound the temporary memory, and uses F.linear:
+the dequantization is N*K work against the GEMM's M*N*K. In that path fp32 x uses an fp32 W; a
+bf16 x uses W rounded to bf16 (the GEMM runs in bf16, like an unquantized bf16 model's).
+
+`linear_quant_reference` is the meaning the kernel is tested against: dequantize to fp32,
+F.linear in fp32, cast to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from leanfm.ops import kernels as _kernels
+from leanfm.ops.kernels import _build
+
+__all__ = ["dequantize", "linear_quant", "linear_quant_reference", "pack_codes", "unpack_codes"]
+
+_FP32, _BF16, _U8 = torch.float32, torch.bfloat16, torch.uint8
+_CHUNK_WEIGHTS = 1 << 22  # dequantize at most this many weights at a time (16 MB of fp32)
+_qops: dict[int, object] | None = None  # bits -> torch op, {} if the library is unavailable
+
+
+def pack_codes(q: Tensor, bits: int) -> Tensor:
+    """Codes q (N, K) uint8 in [0, 2**bits) -> qweight in the storage layout (see module doc)."""
+    if q.dtype != _U8 or q.dim() != 2:
+        raise ValueError(f"pack_codes: q must be a 2-D uint8 tensor, got {q.dtype} {tuple(q.shape)}")
+    if bits == 8:
+        return q.contiguous()
+    if bits != 4:
+        raise ValueError(f"pack_codes: bits must be 4 or 8, got {bits}")
+    n, k = q.shape
+    if k % 32:
+        raise ValueError(f"pack_codes: 4-bit packing needs K % 32 == 0, got K={k}")
+    if q.numel() and int(q.max()) > 15:
+        raise ValueError("pack_codes: 4-bit codes must be in [0, 15]")
+    blocks = q.reshape(n, k // 32, 2, 16)  # [..., 0, j] = code 32b + j, [..., 1, j] = code 32b + 16 + j
+    return ((blocks[:, :, 0] & 0x0F) | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_codes(qweight: Tensor, bits: int, K: int) -> Tensor:
+    """qweight in the storage layout -> codes (N, K) uint8; the inverse of pack_codes."""
+    if qweight.dtype != _U8 or qweight.dim() != 2:
+        raise ValueError(
+            f"unpack_codes: qweight must be 2-D uint8, got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    n = qweight.shape[0]
+    if bits == 8:
+        if qweight.shape[1] != K:
+            raise ValueError(f"unpack_codes: 8-bit qweight of shape {tuple(qweight.shape)} for K={K}")
+        return qweight
+    if bits != 4:
+        raise ValueError(f"unpack_codes: bits must be 4 or 8, got {bits}")
+    if K % 32 or qweight.shape[1] * 2 != K:
+        raise ValueError(f"unpack_codes: 4-bit qweight of shape {tuple(qweight.shape)} for K={K}")
+    blocks = qweight.reshape(n, K // 32, 1, 16)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, K)
+
+
+def dequantize(
+    qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, dtype: torch.dtype = _FP32
+) -> Tensor:
+    """W (N, K) = (q - zeros) * scales per group, computed in fp32 and returned as `dtype`."""
+    n, g = scales.shape
+    k = g * group_size
+    q = unpack_codes(qweight, bits, k).reshape(n, g, group_size)
+    w = (q.to(_FP32) - zeros.to(_FP32).unsqueeze(-1)) * scales.to(_FP32).unsqueeze(-1)
+    return w.reshape(n, k).to(dtype)
+
+
+def linear_quant_reference(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """The meaning of linear_quant: F.linear in fp32 with the dequantized W, cast to x's dtype."""
+    w = dequantize(qweight, scales, zeros, bits, group_size)
+    b = None if bias is None else bias.to(_FP32)
+    return F.linear(x.to(_FP32), w, b).to(x.dtype)
+
+
+def _dequant_linear(x, qweight, scales, zeros, bits, group_size, bias):
+    """F.linear with W dequantized to x's dtype (fp32 for other dtypes), in chunks of rows."""
+    dtype = x.dtype if x.dtype in (_FP32, _BF16) else _FP32
+    xd = x.to(dtype)
+    bd = None if bias is None else bias.to(dtype)
+    n, g = scales.shape
+    chunk = max(1, _CHUNK_WEIGHTS // max(1, g * group_size))
+    if n <= chunk:
+        y = F.linear(xd, dequantize(qweight, scales, zeros, bits, group_size, dtype), bd)
+    else:
+        parts = []
+        for i in range(0, n, chunk):
+            j = min(n, i + chunk)
+            w = dequantize(qweight[i:j], scales[i:j], zeros[i:j], bits, group_size, dtype)
+            parts.append(F.linear(xd, w, None if bd is None else bd[i:j]))
+        y = torch.cat(parts, dim=-1)
+    return y.to(x.dtype)
+
+
+@torch.compiler.disable
+def _quant_ops() -> dict[int, object]:
+    global _qops
+    if _qops is None:
+        if _build.load():
+            ns = torch.ops.leanfm_kernels
+            _qops = {8: ns.linear_q8, 4: ns.linear_q4}
+        else:
+            _qops = {}
+    return _qops
+
+
+def _kernel_for(x, qweight, scales, zeros, bits, group_size, bias):
+    """The torch op for these arguments, or None for the fallback. Cheapest checks first."""
+    if (bits != 4 and bits != 8) or group_size % 32 or qweight.dtype != _U8:
+        return None
+    if (x.dtype != _FP32 and x.dtype != _BF16) or scales.dtype != _FP32 or zeros.dtype != _FP32:
+        return None
+    if x.dim() == 0 or not (x.is_cpu and qweight.is_cpu and scales.is_cpu and zeros.is_cpu):
+        return None
+    k = x.shape[-1]
+    if k == 0 or k % group_size or qweight.dim() != 2 or qweight.shape[1] * 8 != k * bits:
+        return None
+    if not qweight.is_contiguous() or scales.shape != (qweight.shape[0], k // group_size):
+        return None
+    rows = x.numel() // k
+    if rows == 0 or rows > _kernels.max_rows():
+        return None
+    if bias is not None and (bias.dim() != 1 or not bias.is_cpu or bias.dtype not in (_FP32, _BF16)):
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or scales.requires_grad
+        or zeros.requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):
+        return None
+    return (_qops if _qops is not None else _quant_ops()).get(bits)
+
+
+def linear_quant(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = x @ W.T + bias for a weight-only quantized W (format and dispatch: module doc)."""
+    if _kernels.kernels_enabled():
+        op = _kernel_for(x, qweight, scales, zeros, bits, group_size, bias)
+        if op is not None:
+            return op(x, qweight, scales, zeros, group_size, bias)
+    return _dequant_linear(x, qweight, scales, zeros, bits, group_size, bias)
