@@ -139,6 +139,17 @@ def test_kernel_matches_reference(built, bits, k, group_size, bias, xdtype):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_precision_with_offset_activations(built, bits):
+    """x with a large common offset: dot(q, x) and zeros * sum(x) nearly cancel (per-channel worst)."""
+    for k, group_size in ((2048, 2048), (640, 32)):
+        qw, s, z, _ = make_quant(64, k, bits, group_size, seed=k, symmetric=True)
+        x = torch.randn(3, k) + 20
+        y = op_for(built, bits)(x, qw, s, z, group_size, None)
+        ref = x.double() @ dequantize(qw, s, z, bits, group_size).double().T
+        assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_kernel_non_contiguous_and_leading_dims(built, bits):
     qw, s, z, _ = make_quant(40, 640, bits, 64, seed=3)
     w = dequantize(qw, s, z, bits, 64)

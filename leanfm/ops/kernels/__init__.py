@@ -23,6 +23,9 @@ F.linear(x, weight.float(), bias.float()) - the reference the kernel is tested a
 
 Nothing is compiled at `import leanfm`: the library is built or loaded on the first call of
 `linear` (or `warmup()`). If it cannot be built, one warning is logged and F.linear is used.
+
+Weight-only quantized (int8, packed int4) layers: `linear_quant` and the storage format in quant.py,
+re-exported here.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from torch import Tensor
 
 from leanfm.ops.kernels import _build
 
-__all__ = ["kernels_available", "kernels_enabled", "linear", "linear_reference", "max_rows",
-           "reload_settings", "status", "warmup"]
+__all__ = ["kernels_available", "kernels_enabled", "linear", "linear_quant", "linear_quant_reference",
+           "linear_reference", "max_rows", "pack_codes", "reload_settings", "status", "unpack_codes",
+           "warmup"]
 
 DEFAULT_MAX_ROWS = 8
 _FP32, _BF16 = torch.float32, torch.bfloat16
@@ -141,3 +145,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if op is not None:
             return op(x, weight, bias)
     return linear_reference(x, weight, bias)
+
+
+# after the definitions above: quant.py reads the settings through this module
+from leanfm.ops.kernels.quant import linear_quant, linear_quant_reference, pack_codes, unpack_codes  # noqa: E402
