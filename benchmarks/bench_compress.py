@@ -37,7 +37,7 @@ VARIANTS: dict[str, list[dict]] = {
     "asvd-0.8": [{"method": "asvd", "param_ratio": 0.8}],
     "shortgpt-3": [{"method": "shortgpt", "n_layers": 3}],
     "shortgpt-3+distill": [{"method": "shortgpt", "n_layers": 3},
-                           {"method": "distill", "steps": 200, "seq_len": 256}],
+                           {"method": "distill", "steps": 60, "seq_len": 128, "batch_size": 2, "lr": 1e-4}],
 }
 ORDER = ["int8", "int4-all", "rtn-4", "gptq-4", "awq-4", "magnitude-50", "wanda-50", "sparsegpt-50", "sparsegpt-2:4",
          "svd-0.8", "asvd-0.8", "wanda-50+int4", "shortgpt-3", "shortgpt-3+distill"]
@@ -156,6 +156,8 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/compress.json")
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--from-json")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --json, measure the rest")
+    ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -164,18 +166,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names = [v for v in args.variants.split(",") if v]
     cfg = TourConfig(model=args.model, variants=tuple(names), out_dir=args.out, calib_samples=args.calib,
-                     ppl_windows=args.windows, ppl_ctx=args.ctx, recipes=VARIANTS)
+                     ppl_windows=args.windows, ppl_ctx=args.ctx, recipes=VARIANTS,
+                     decode_tokens=args.decode_tokens, decode_repeats=2)
+    partial = Path(args.json).with_suffix(".partial.json")
     from leanfm.checkpoint.loader import load_model
 
     base_params = load_model(args.model, progress=False).model.num_parameters()
     rows: dict[str, dict] = {}
+    if args.resume and partial.exists():
+        rows = {r["variant"]: r for r in json.loads(partial.read_text())}
     for name in ["base", *names]:
+        if name in rows:
+            continue
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
         rows[name] = run_variant(name, cfg, base_params)
         if name == "wanda-50+int4":
             rows[name]["reload_identical_fresh_process"] = identical_reload(rows[name])
         print(format_rows(list(rows.values())), f"\n({time.perf_counter() - t0:.0f} s)", flush=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(list(rows.values()), indent=2, default=str))  # --resume continues here
     anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx)
     for a in anchors:
         print(f"llama.cpp {a['name']}: {a['bits_per_weight']:.2f} bpw, ppl {a['ppl']:.3f}")
