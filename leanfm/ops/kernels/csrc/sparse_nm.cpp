@@ -7,7 +7,8 @@
 // of 4) to [a | c] [b | d] (sparse24_pack_x): values [a a b b | c c d d] then pair with
 // blend(permilps([a | c], idx), permilps([b | d], idx)) - no gathers, no lane-crossing shuffles in
 // the loop. Per 4 inputs the weights take 8.5 bytes (fp32 values + 2-bit indices) against 16 dense
-// fp32 bytes; bf16 values: 4.5 against 8 dense bf16 bytes. R weight rows share each x load.
+// fp32 bytes; bf16 values: 4.5 against 8 dense bf16 bytes. R weight rows share each x load, and each
+// tile prefetches the next tile's weights (rows of K/2 values are short streams for the prefetchers).
 #include <immintrin.h>
 
 #include <cstring>
@@ -37,7 +38,7 @@ inline __m256 load8(const uint16_t* p) {
 // x rows [0, MB) (reordered, see top) against weight rows [0, R) of one block; y[m * N + r]
 template <int R, int MB, typename V>
 inline void tile(const float* x, int64_t K, const V* v, const uint8_t* p, const float* bias, float* y,
-                 int64_t N) {
+                 int64_t N, bool prefetch) {
   const __m256i sh0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i sh1 = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
   const int64_t L = K / 2, P = K / 8;  // values and index bytes per weight row
@@ -45,6 +46,13 @@ inline void tile(const float* x, int64_t K, const V* v, const uint8_t* p, const 
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
   for (int64_t c = 0; c < K / 32; ++c) {
+    if (prefetch) {  // the next tile's weights: one 64-byte line of values per row and step (fp32)
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(v + (R + r) * L + 16 * c), _MM_HINT_T0);
+        if ((c & 15) == 0)  // and one line of indices per 16 steps
+          _mm_prefetch(reinterpret_cast<const char*>(p + (R + r) * P + 4 * c), _MM_HINT_T0);
+      }
+    }
     for (int r = 0; r < R; ++r) {
       uint32_t u;
       std::memcpy(&u, p + r * P + 4 * c, 4);
@@ -72,9 +80,10 @@ void rows(const float* x, int64_t K, const V* values, const uint8_t* indices, co
           int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + R <= n1; n += R)
-    tile<R, MB>(x, K, values + n * (K / 2), indices + n * (K / 8), bias ? bias + n : nullptr, y + n, N);
+    tile<R, MB>(x, K, values + n * (K / 2), indices + n * (K / 8), bias ? bias + n : nullptr, y + n, N,
+                n + 2 * R <= n1);
   for (; n < n1; ++n)
-    tile<1, MB>(x, K, values + n * (K / 2), indices + n * (K / 8), bias ? bias + n : nullptr, y + n, N);
+    tile<1, MB>(x, K, values + n * (K / 2), indices + n * (K / 8), bias ? bias + n : nullptr, y + n, N, false);
 }
 
 template <typename V>
