@@ -157,10 +157,12 @@ def heldout_kl(student: nn.Module, teacher: nn.Module, tokens: Tensor, batch_siz
 # --- training ------------------------------------------------------------------------------------------
 def _batches(tokens: Tensor, cfg: DistillConfig, seed: int):
     """Endless (batch_size, seq_len) batches: samples in a seeded random order (an epoch at a time),
-    each cut at a random offset when seq_len is shorter than the samples."""
+    each cut at a random offset when seq_len is shorter than the samples. When every sample starts
+    with the same token (a BOS), each cut keeps it in front."""
     g = torch.Generator().manual_seed(seed)
     n, length = tokens.shape
     seq = cfg.seq_len or length
+    keep = int(seq < length and n > 1 and bool((tokens[:, 0] == tokens[0, 0]).all()))
     order: list[int] = []
     while True:
         rows = []
@@ -168,8 +170,9 @@ def _batches(tokens: Tensor, cfg: DistillConfig, seed: int):
             if not order:
                 order = torch.randperm(n, generator=g).tolist()
             rows.append(order.pop())
-        starts = torch.randint(0, length - seq + 1, (len(rows),), generator=g).tolist()
-        yield torch.stack([tokens[r, s:s + seq] for r, s in zip(rows, starts, strict=True)])
+        starts = torch.randint(keep, length - seq + keep + 1, (len(rows),), generator=g).tolist()
+        yield torch.stack([torch.cat([tokens[r, :keep], tokens[r, s:s + seq - keep]])
+                           for r, s in zip(rows, starts, strict=True)])
 
 
 def _schedule(cfg: DistillConfig):

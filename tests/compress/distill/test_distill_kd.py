@@ -181,3 +181,21 @@ def test_errors():
 def test_bad_distill_configs(bad, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"method": "distill", **bad})
+
+
+def test_batches_crop_and_keep_a_common_bos():
+    from leanfm.compress.distill.kd import _batches
+
+    tokens = torch.arange(5 * 12).reshape(5, 12)
+    cfg = DistillConfig(batch_size=3, seq_len=6)
+    seen = set()
+    for _, batch in zip(range(5), _batches(tokens, cfg, seed=0), strict=False):
+        assert batch.shape == (3, 6)
+        for row in batch:  # contiguous crops of one sample
+            assert torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 6))
+            seen.add(int(row[0]) // 12)
+    assert seen == set(range(5))  # every sample once an epoch
+    tokens[:, 0] = 1  # a common BOS stays in front of every crop
+    for _, batch in zip(range(3), _batches(tokens, cfg, seed=0), strict=False):
+        assert (batch[:, 0] == 1).all()
+        assert all(torch.equal(row[1:], torch.arange(int(row[1]), int(row[1]) + 5)) for row in batch)
