@@ -133,7 +133,9 @@ def write_readme(out: dict) -> None:
                       f"{a['ppl']:.3f}", f"{100 * (a['ppl'] / base['ppl'] - 1):+.1f}%", "-"])
     checks_md = "; ".join(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {c} ({f})"
                           for c, ok, f in out["checks"])
-    note = (f"gemma-3-270m (its 4-bit GGUF dequantized to float32 is the base); perplexity on {out['windows']} "
+    missing = [v for v in ORDER if v not in {r["variant"] for r in rows}]
+    partial = (f"PARTIAL RUN: not yet measured: {', '.join(missing)}. " if out.get("partial") and missing else "")
+    note = (f"{partial}gemma-3-270m (its 4-bit GGUF dequantized to float32 is the base); perplexity on {out['windows']} "
             f"held-out windows of {out['ctx']} tokens (wiki eval split), calibration {out['calib']} x 512 tokens of "
             f"the disjoint calib split; decode: batch 1, {out['threads']} threads, fp32 activations. "
             f"bits/w = artifact bytes x 8 / base parameters (scales included); 'layers' = the decoder layers' "
@@ -157,18 +159,24 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--from-json")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --json, measure the rest")
+    ap.add_argument("--from-partial", action="store_true",
+                    help="no measuring: write --json (and the README table with --readme) from the rows finished so far")
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
             write_readme(json.load(f))
         return
+    partial = Path(args.json).with_suffix(".partial.json")
+    if args.from_partial:
+        rows = {r["variant"]: r for r in json.loads(partial.read_text())}
+        finish(rows, [], args, partial=True)
+        return
     torch.set_num_threads(args.threads)
     names = [v for v in args.variants.split(",") if v]
     cfg = TourConfig(model=args.model, variants=tuple(names), out_dir=args.out, calib_samples=args.calib,
                      ppl_windows=args.windows, ppl_ctx=args.ctx, recipes=VARIANTS,
                      decode_tokens=args.decode_tokens, decode_repeats=2)
-    partial = Path(args.json).with_suffix(".partial.json")
     from leanfm.checkpoint.loader import load_model
 
     base_params = load_model(args.model, progress=False).model.num_parameters()
@@ -189,11 +197,17 @@ def main() -> None:
     anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx)
     for a in anchors:
         print(f"llama.cpp {a['name']}: {a['bits_per_weight']:.2f} bpw, ppl {a['ppl']:.3f}")
+    finish(rows, anchors, args)
+
+
+def finish(rows: dict[str, dict], anchors: list[dict], args, partial: bool = False) -> None:
+    """Check the claims, print them, write the JSON, the Pareto plot and (--readme) the README table."""
     results = checks(rows, anchors)
     for claim, ok, figures in results:
         print(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a '):5} {claim}: {figures}")
     out = {"rows": list(rows.values()), "anchors": anchors, "checks": results, "windows": args.windows,
-           "ctx": args.ctx, "calib": args.calib, "threads": args.threads, "load_average": os.getloadavg()[0]}
+           "ctx": args.ctx, "calib": args.calib, "threads": args.threads, "load_average": os.getloadavg()[0],
+           "partial": partial}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     pareto_plot(list(rows.values()), Path(args.json).with_suffix(".png"), f"{args.model}: compression methods")
