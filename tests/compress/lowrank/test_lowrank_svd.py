@@ -101,3 +101,16 @@ def test_overrides_and_recipe_round_trip(tiny_model):
 def test_bad_svd_configs(bad, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"method": "svd", **bad})
+
+
+def test_lowrank_artifact_reloads_with_identical_logits(tiny_model, tmp_path):
+    from leanfm.checkpoint.artifact import load_compressed, save_compressed
+
+    model = tiny_model("qwen2")
+    report = compress_(model, SVDConfig(param_ratio=0.5), progress=False)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    out = save_compressed(model, None, tmp_path / "svd", report)
+    loaded = load_compressed(out)
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert loaded.model.layers[0].self_attn.q_proj.rank == model.model.layers[0].self_attn.q_proj.rank
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
