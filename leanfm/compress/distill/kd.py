@@ -18,6 +18,9 @@ skip-overrides narrow the trainable modules further (default: the decoder layers
 
 Logits are computed for `logits_chunk` tokens at a time: the loss of each slice is backpropagated to
 the final hidden states at once, so (tokens, vocab) logits (262k wide for Gemma 3) never exist whole.
+Cost per training token: a teacher forward, a student forward and backward, and three (vocab x hidden)
+products for the logits; with a 262k vocabulary the logits dominate (~1 GFLOP per token for
+gemma-3-270m, whose decoder layers cost ~0.6), so budget steps * batch_size * seq_len accordingly.
 """
 
 from __future__ import annotations
