@@ -134,3 +134,23 @@ def test_bad_inputs():
     with pytest.raises(ConfigError, match="before quantizing"):
         compress_(model, ChannelPruneConfig(ffn_sparsity=0.5, criterion="magnitude"), progress=False)
     assert not isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear)
+
+
+def test_activation_criterion_keeps_the_largest_output_contributions():
+    """Layer 0 is scored on the unpruned model's inputs: kept = top ||Z_c|| * sum_i |W_down[i, c]|."""
+    from leanfm.compress.calibrate import LayerwiseCalibration
+
+    original = make_tiny_model("gemma3")
+    sumsq = torch.zeros(128, dtype=torch.float64)
+    step = next(iter(LayerwiseCalibration(original, CALIB, include_head=False)))
+
+    def add(x):
+        sumsq.add_(x.double().pow(2).sum(0))
+
+    step.feed({"mlp.down_proj": add})
+    down = original.model.layers[0].mlp.down_proj.weight
+    contribution = down.abs().sum(0) * sumsq.sqrt().float()
+    model = copy.deepcopy(original)
+    compress_(model, ChannelPruneConfig(ffn_sparsity=0.5), calibration=CALIB, progress=False)
+    kept = kept_rows(original.model.layers[0].mlp.gate_proj.weight, model.model.layers[0].mlp.gate_proj.weight)
+    assert kept == sorted(contribution.topk(64).indices.tolist())
