@@ -49,7 +49,7 @@ class DistillConfig(MethodConfig):
     default_include = ("model.layers.*", "model.norm")
 
     steps: int = 200
-    lr: float = 1e-4
+    lr: float = 5e-5  # gemma-3-270m, 2 layers removed: 30 steps x 128 tokens recovered 55% of the lost ppl
     batch_size: int = 4
     seq_len: int | None = None  # tokens per training sequence; None = the calibration samples' length
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
