@@ -135,6 +135,9 @@ def write_readme(out: dict) -> None:
                           for c, ok, f in out["checks"])
     missing = [v for v in ORDER if v not in {r["variant"] for r in rows}]
     partial = (f"PARTIAL RUN: not yet measured: {', '.join(missing)}. " if out.get("partial") and missing else "")
+    busy = out["load_average"] > 1.5 or out.get("partial")
+    partial += ("Decode speeds were taken on a busy machine (load 4-7 on 2 cores while other jobs ran): they are "
+                "not comparable between rows; re-run on an idle machine. " if busy else "")
     note = (f"{partial}gemma-3-270m (its 4-bit GGUF dequantized to float32 is the base); perplexity on {out['windows']} "
             f"held-out windows of {out['ctx']} tokens (wiki eval split), calibration {out['calib']} x 512 tokens of "
             f"the disjoint calib split; decode: batch 1, {out['threads']} threads, fp32 activations. "
