@@ -19,12 +19,17 @@
 //
 // The tiles are smaller than the fp32 kernel's (4 weight rows at M = 1, not 8): converting codes
 // needs registers too, and at 8 rows gcc spilled the accumulators and the kernel ran 2x slower.
-// Measured in L2 on the 2-core Zen 3 dev box, one thread: ~5 weights per cycle at M = 1 (both
-// bit widths), i.e. ~14 G weights/s per core, about what DRAM delivers for 4-bit codes.
+// Measured on the 2-core Zen 3 dev box, one thread, weights in L2: ~5 weights per cycle at M = 1
+// for both bit widths (~16 instructions per 32 codes and weight row). Streaming from DRAM with 2
+// threads: 12-18 GB/s of codes + scales + zeros against 17-24 GB/s for the fp32 kernel (compute
+// and memory stalls do not fully overlap), so 4-bit runs ~3-3.7x and 8-bit ~1.9x the fp32 kernel.
 //
-// While the first x-row tile streams a block in, the codes of the block kPrefetchBlocks ahead are
-// prefetched (one line per row every 64 code bytes); scales and zeros are left to the hardware
-// prefetcher.
+// Prefetch: while the first x-row tile streams a block in, the codes of the block kPrefetchBlocks
+// ahead are prefetched (one line per row every 64 code bytes), and that block's scales and zeros
+// when the block starts. Without it the 8-bit kernel lost ~1/3 of its speed on the LM head; the
+// scales/zeros prefetch removes the stall of the zero term (which reads `zeros` for the first time
+// at the end of each tile). Distances 1 to 8 blocks and T0/T1/T2 hints measured the same, within
+// the noise of the shared machine.
 #pragma once
 
 #include <immintrin.h>
@@ -37,10 +42,7 @@
 namespace leanfm_kernels {
 namespace qblocking {
 
-#ifndef KPF
-#define KPF 4
-#endif
-constexpr int64_t kPrefetchBlocks = KPF;
+constexpr int64_t kPrefetchBlocks = 2;
 
 // Tile: `static constexpr int64_t kBytes` (code bytes per 32 codes) and
 //   template <int MB> static void dot32(const uint8_t* q, const float* x, __m256 (&d)[MB])
@@ -105,7 +107,12 @@ inline void run(const QuantArgs& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + B <= n1; n += B) {
     const int64_t ahead = n + B * kPrefetchBlocks;
-    const uint8_t* next = kPrefetchBlocks > 0 && ahead + B <= n1 ? a.q + ahead * rb : nullptr;
+    const uint8_t* next = ahead + B <= n1 ? a.q + ahead * rb : nullptr;
+    if (next)  // the scales and zeros of that block: B * G floats each, contiguous
+      for (int64_t i = 0; i < B * a.G; i += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(a.scales + ahead * a.G + i), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a.zeros + ahead * a.G + i), _MM_HINT_T0);
+      }
     int64_t m = 0;
     for (; m + 4 <= M; m += 4, next = nullptr)
       for (int h = 0; h < B; h += 2) tile<Tile, 2, 4>(a, n + h, m, next ? next + h * rb : nullptr);
