@@ -148,4 +148,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 # after the definitions above: quant.py reads the settings through this module
-from leanfm.ops.kernels.quant import linear_quant, linear_quant_reference, pack_codes, unpack_codes  # noqa: E402
+from leanfm.ops.kernels.quant import (  # noqa: E402
+    linear_quant,
+    linear_quant_reference,
+    pack_codes,
+    unpack_codes,
+)
