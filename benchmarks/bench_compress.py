@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,34 @@ def checks(rows: dict[str, dict], anchors: list[dict]) -> list[tuple[str, bool |
     return out
 
 
+def speed_phase(rows: dict[str, dict], names: list[str], tokens: int, rounds: int, threads: int) -> dict:
+    """Batch-1 decode tok/s of every artifact, measured in interleaved rounds (base, int8, int4-all, ...
+    base, int8, ...) after all of them are built: a shared machine's speed drifts over minutes, and
+    interleaving puts every row under the same drift. Each row gets the median of its rounds."""
+    from leanfm.bench.tour import decode_tokens_per_second
+    from leanfm.checkpoint.loader import load_model
+    from leanfm.engine.runtime import prepare_for_inference
+
+    torch.set_num_threads(threads)
+    models = {}
+    for n in ["base", *names]:
+        if n in rows and Path(rows[n]["path"]).exists():
+            lm = load_model(rows[n]["path"], progress=False)
+            models[n] = (prepare_for_inference(lm.model), lm.tokenizer)
+    samples: dict[str, list[float]] = {n: [] for n in models}
+    load_before = os.getloadavg()[0]
+    with torch.inference_mode():
+        for r in range(rounds):
+            for n, (model, tok) in models.items():
+                samples[n].append(decode_tokens_per_second(model, tok, tokens, 1))
+            print(f"speed round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in samples.items()),
+                  flush=True)
+    for n, v in samples.items():
+        rows[n]["decode_tok_s"] = statistics.median(v)
+        rows[n]["decode_rounds"] = [round(x, 2) for x in v]
+    return {"tokens": tokens, "rounds": rounds, "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
 def llamacpp_rows(model: str, windows: int, ctx: int) -> list[dict]:
     try:
         from anchors.llamacpp_quant import llamacpp_quant_rows
@@ -135,12 +164,16 @@ def write_readme(out: dict) -> None:
                           for c, ok, f in out["checks"])
     missing = [v for v in ORDER if v not in {r["variant"] for r in rows}]
     partial = (f"PARTIAL RUN: not yet measured: {', '.join(missing)}. " if out.get("partial") and missing else "")
-    busy = out["load_average"] > 1.5 or out.get("partial")
-    partial += ("Decode speeds were taken on a busy machine (load 4-7 on 2 cores while other jobs ran): they are "
-                "not comparable between rows; re-run on an idle machine. " if busy else "")
+    speed = out.get("speed")
+    if speed:
+        partial += (f"Decode: batch 1, {speed['tokens']} new tokens, median of {speed['rounds']} rounds interleaved "
+                    f"across the rows (1-min load {speed['load_before']:.1f} before, {speed['load_after']:.1f} "
+                    "after; above ~1.5 the machine was shared and speeds are noisy). ")
+    else:
+        partial += "Decode speeds are provisional single runs taken while building (no speed phase). "
     note = (f"{partial}gemma-3-270m (its 4-bit GGUF dequantized to float32 is the base); perplexity on {out['windows']} "
             f"held-out windows of {out['ctx']} tokens (wiki eval split), calibration {out['calib']} x 512 tokens of "
-            f"the disjoint calib split; decode: batch 1, {out['threads']} threads, fp32 activations. "
+            f"the disjoint calib split; decode: {out['threads']} threads, fp32 activations. "
             f"bits/w = artifact bytes x 8 / base parameters (scales included); 'layers' = the decoder layers' "
             f"matrices alone. llama.cpp rows: its quantizer on "
             f"leanfm's F16 export, scored on the same token windows. 1-min load average at the end: "
@@ -164,7 +197,11 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --json, measure the rest")
     ap.add_argument("--from-partial", action="store_true",
                     help="no measuring: write --json (and the README table with --readme) from the rows finished so far")
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--speed-tokens", type=int, default=128, help="new tokens per decode-speed run")
+    ap.add_argument("--speed-rounds", type=int, default=5, help="interleaved decode-speed rounds (median)")
+    ap.add_argument("--skip-speed", action="store_true", help="build and score the rows only (no speed phase)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="re-measure decode speed of the artifacts of the finished rows (--json's .partial.json)")
     args = ap.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -177,9 +214,16 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     names = [v for v in args.variants.split(",") if v]
+    if args.speed_only:
+        rows = {r["variant"]: r for r in json.loads(partial.read_text())}
+        speed = speed_phase(rows, [n for n in names if n in rows], args.speed_tokens, args.speed_rounds, args.threads)
+        partial.write_text(json.dumps(list(rows.values()), indent=2, default=str))
+        anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx)
+        finish(rows, anchors, args, speed=speed)
+        return
+    # decode speed while building is a provisional one-run figure; the speed phase below replaces it
     cfg = TourConfig(model=args.model, variants=tuple(names), out_dir=args.out, calib_samples=args.calib,
-                     ppl_windows=args.windows, ppl_ctx=args.ctx, recipes=VARIANTS,
-                     decode_tokens=args.decode_tokens, decode_repeats=2)
+                     ppl_windows=args.windows, ppl_ctx=args.ctx, recipes=VARIANTS, decode_tokens=8, decode_repeats=1)
     from leanfm.checkpoint.loader import load_model
 
     base_params = load_model(args.model, progress=False).model.num_parameters()
@@ -197,20 +241,24 @@ def main() -> None:
         print(format_rows(list(rows.values())), f"\n({time.perf_counter() - t0:.0f} s)", flush=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(list(rows.values()), indent=2, default=str))  # --resume continues here
+    speed = None
+    if not args.skip_speed:
+        speed = speed_phase(rows, names, args.speed_tokens, args.speed_rounds, args.threads)
+        partial.write_text(json.dumps(list(rows.values()), indent=2, default=str))
     anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx)
     for a in anchors:
         print(f"llama.cpp {a['name']}: {a['bits_per_weight']:.2f} bpw, ppl {a['ppl']:.3f}")
-    finish(rows, anchors, args)
+    finish(rows, anchors, args, speed=speed)
 
 
-def finish(rows: dict[str, dict], anchors: list[dict], args, partial: bool = False) -> None:
+def finish(rows: dict[str, dict], anchors: list[dict], args, partial: bool = False, speed: dict | None = None) -> None:
     """Check the claims, print them, write the JSON, the Pareto plot and (--readme) the README table."""
     results = checks(rows, anchors)
     for claim, ok, figures in results:
         print(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a '):5} {claim}: {figures}")
     out = {"rows": list(rows.values()), "anchors": anchors, "checks": results, "windows": args.windows,
            "ctx": args.ctx, "calib": args.calib, "threads": args.threads, "load_average": os.getloadavg()[0],
-           "partial": partial}
+           "partial": partial, "speed": speed}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     pareto_plot(list(rows.values()), Path(args.json).with_suffix(".png"), f"{args.model}: compression methods")
