@@ -28,15 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from leanfm.compress.api import CompressContext, ConfigError, register, set_module
+from leanfm.compress.api import CompressContext, register, set_module
 from leanfm.compress.calibrate import LayerwiseCalibration
 from leanfm.compress.quant.layer_groups import (
     InputStats,
     ScaleGroup,
     collect_input_stats,
     fold_scales,
+    layerwise_targets,
     scale_groups,
-    targets_by_step,
 )
 from leanfm.compress.quant.rtn import WeightQuantConfig
 from leanfm.models.quant_layers import QuantLinear
@@ -179,10 +179,7 @@ def apply_awq(model: nn.Module, config: AWQConfig, ctx: CompressContext) -> dict
     """Scale search + folding + clipping search + quantization, layer by layer on the calibration tokens."""
     targets = {name: (module, cfg) for name, module, cfg in ctx.targets((nn.Linear,))}
     n_layers = len(model.model.layers)
-    by_step, other = targets_by_step(targets, n_layers)
-    if other:
-        raise ConfigError(f"awq: cannot calibrate {other[:3]} (only decoder-layer linears and lm_head); "
-                          "narrow the step's include patterns")
+    by_step = layerwise_targets("awq", targets, n_layers)
     tokens = ctx.require_calibration()
     walk = LayerwiseCalibration(model, tokens, include_head=n_layers in by_step)
     bits_total = weights = folded = 0

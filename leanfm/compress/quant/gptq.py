@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from leanfm.compress.api import CompressContext, ConfigError, register, set_module
+from leanfm.compress.api import CompressContext, register, set_module
 from leanfm.compress.calibrate import LayerwiseCalibration
-from leanfm.compress.quant.layer_groups import collect_input_stats, targets_by_step
+from leanfm.compress.quant.layer_groups import collect_input_stats, layerwise_targets
 from leanfm.compress.quant.rtn import WeightQuantConfig
 from leanfm.models.quant_layers import QuantLinear
 from leanfm.ops.quant import check_group_size, scales_zeros_from_range
@@ -155,10 +155,7 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, ctx: CompressContext) -> di
     layer by layer on the calibration tokens; later layers calibrate on the quantized layers' outputs."""
     targets = {name: (module, cfg) for name, module, cfg in ctx.targets((nn.Linear,))}
     n_layers = len(model.model.layers)
-    by_step, other = targets_by_step(targets, n_layers)
-    if other:
-        raise ConfigError(f"gptq: cannot calibrate {other[:3]} (only decoder-layer linears and lm_head); "
-                          "narrow the step's include patterns")
+    by_step = layerwise_targets("gptq", targets, n_layers)
     tokens = ctx.require_calibration()
     walk = LayerwiseCalibration(model, tokens, include_head=n_layers in by_step)
     bits_total = weights = 0

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from leanfm.compress.api import ConfigError
 from leanfm.compress.calibrate import CalibrationStep
 from leanfm.models.blocks import RMSNorm
 
 __all__ = ["SHARED_INPUTS", "InputStats", "ScaleGroup", "collect_input_stats", "fold_scales", "scale_groups",
-           "targets_by_step"]
+           "layerwise_targets", "targets_by_step"]
 
 # linears of one layer that receive the very same input tensor (relative names)
 SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
@@ -86,6 +87,16 @@ def targets_by_step(targets: Iterable[str], n_layers: int) -> tuple[dict[int, li
         else:
             other.append(name)
     return by_step, other
+
+
+def layerwise_targets(method: str, targets: Iterable[str], n_layers: int) -> dict[int, list[str]]:
+    """`targets_by_step` for a layerwise-calibrated method: any target outside the decoder layers and the
+    LM head is a ConfigError naming the method, raised before any work starts."""
+    by_step, other = targets_by_step(targets, n_layers)
+    if other:
+        raise ConfigError(f"{method}: cannot calibrate {other[:3]} (only decoder-layer linears and lm_head); "
+                          "narrow the step's include patterns")
+    return by_step
 
 
 @dataclass(frozen=True)

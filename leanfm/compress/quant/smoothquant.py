@@ -20,9 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from leanfm.compress.api import CompressContext, ConfigError, MethodConfig, register, set_module
+from leanfm.compress.api import CompressContext, MethodConfig, register, set_module
 from leanfm.compress.calibrate import CalibrationStep, LayerwiseCalibration
-from leanfm.compress.quant.layer_groups import collect_input_stats, fold_scales, scale_groups, targets_by_step
+from leanfm.compress.quant.layer_groups import (
+    collect_input_stats,
+    fold_scales,
+    layerwise_targets,
+    scale_groups,
+)
 from leanfm.models.blocks import RMSNorm
 from leanfm.models.int8_layers import W8A8Linear
 
@@ -68,10 +73,7 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: Compress
     """Smooth and replace every targeted linear by a W8A8Linear, layer by layer on the calibration tokens."""
     targets = {name: (module, cfg) for name, module, cfg in ctx.targets((nn.Linear,))}
     n_layers = len(model.model.layers)
-    by_step, other = targets_by_step(targets, n_layers)
-    if other:
-        raise ConfigError(f"smoothquant: cannot calibrate {other[:3]} (only decoder-layer linears and lm_head); "
-                          "narrow the step's include patterns")
+    by_step = layerwise_targets("smoothquant", targets, n_layers)
     tokens = ctx.require_calibration()
     walk = LayerwiseCalibration(model, tokens, include_head=False)
     smoothed = 0
