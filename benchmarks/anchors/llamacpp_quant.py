@@ -138,6 +138,45 @@ def gguf_size_report(path: str | os.PathLike) -> dict[str, Any]:
             "tensor_types": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["params"]))}
 
 
+def source_grid_match(quantized: str | os.PathLike, source: str | os.PathLike) -> dict[str, Any]:
+    """How much of a llama.cpp file re-creates the source GGUF's own quantization grid, tensor by tensor.
+
+    The float base of a packaged model is a dequantized GGUF (gemma-3-270m: Q4_K_M), so its weights already
+    lie on llama.cpp's grids (Q5_0, Q4_K, Q6_K, Q8_0). Re-quantizing with the same type rules lands on those
+    grids again and is near-lossless by construction: that is not a 4-bit quantizer's achievement but an
+    echo of the source. Returns, over the tensors both files hold: the share of parameters stored in the
+    same type as in the source, and the SQNR (dB) of the re-quantized weights against the source's, overall
+    and for the tensors whose type matched and whose did not."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    def tensors(path):
+        return {t.name: t for t in GGUFReader(str(path)).tensors}
+
+    q, src = tensors(quantized), tensors(source)
+    acc = {"same": [0, 0.0, 0.0], "other": [0, 0.0, 0.0]}  # params, signal energy, error energy
+    for name, t in q.items():
+        s = src.get(name)
+        if s is None or len(t.shape) < 2:
+            continue
+        a = dequantize(t.data, t.tensor_type).astype(np.float64).ravel()
+        b = dequantize(s.data, s.tensor_type).astype(np.float64).ravel()
+        key = "same" if t.tensor_type == s.tensor_type else "other"
+        e = acc[key]
+        e[0], e[1], e[2] = e[0] + a.size, e[1] + float((b * b).sum()), e[2] + float(((a - b) ** 2).sum())
+
+    def sqnr(sig, err):
+        if not sig:
+            return float("nan")
+        return float("inf") if err == 0 else 10 * math.log10(sig / err)
+
+    total = sum(e[0] for e in acc.values())
+    return {"params": total, "same_type_share": acc["same"][0] / total if total else float("nan"),
+            "sqnr_db": sqnr(sum(e[1] for e in acc.values()), sum(e[2] for e in acc.values())),
+            "sqnr_db_same_type": sqnr(acc["same"][1], acc["same"][2]),
+            "sqnr_db_other_type": sqnr(acc["other"][1], acc["other"][2])}
+
+
 # ------------------------------------------------------------------ files: export, quantize, cache
 def source_gguf(lm) -> Path:
     """The GGUF the model came from (its tokenizer metadata is copied into the export)."""
@@ -327,7 +366,7 @@ def llamacpp_quant_rows(model_ref="gemma-3-270m", spec: WindowSpec | None = None
         res = llamacpp_windows_nll(files[qtype], ws.input_ids, ws.scored, threads)
         size = gguf_size_report(files[qtype])
         rows.append({"name": qtype, "engine": "llama.cpp", "type": qtype, **size, **res,
-                     "path": str(files[qtype])})
+                     "path": str(files[qtype]), "source_grid": source_grid_match(files[qtype], source_gguf(lm))})
         log(f"llama.cpp {qtype}: ppl {res['ppl']:.4f} at {size['bits_per_weight']:.2f} bits/weight "
             f"({res['seconds']:.0f} s)")
     windows_info = {"corpus": spec.corpus, "split": spec.split, "ctx": spec.ctx, "n_windows": len(ws.input_ids),
@@ -354,6 +393,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if r.get("tensor_types"):
             mix = ", ".join(f"{k} {v['params'] / 1e6:.1f}M ({v['bpw']:.2f})" for k, v in r["tensor_types"].items())
             lines.append(f"  {r['type']:7} tensor types (params, bpw): {mix}")
+        g = r.get("source_grid")
+        if g:
+            lines.append(f"  {r['type']:7} vs the source GGUF's own grid: {100 * g['same_type_share']:.0f}% of the "
+                         f"matrices' weights in the source's type; SQNR {g['sqnr_db']:.1f} dB overall, "
+                         f"{g['sqnr_db_same_type']:.1f} dB where the type matched")
     return "\n".join(lines)
 
 
