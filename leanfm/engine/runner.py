@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from leanfm.engine.kv.groups import KVGroupSpec
 from leanfm.engine.messages import EMPTY_RUNNER_OUTPUT, RunnerOutput, ScheduledChunk, SchedulerOutput
 from leanfm.engine.sampler import SamplingState, new_sampling_state, sample_rows
+from leanfm.ops.kernels import max_rows
 from leanfm.ops.paged_attention import (
     PagedAttentionPlan,
     pad_tables,
@@ -101,9 +102,18 @@ class ModelRunner:
             if not rows:
                 return EMPTY_RUNNER_OUTPUT
             last = hidden[0, rows[0]:rows[-1] + 1] if rows[-1] - rows[0] == len(rows) - 1 else hidden[0, rows]
-            logits = self.model.compute_logits(last)  # (R, V)
+            logits = self._logits(last)  # (R, V)
             tokens = sample_rows(logits, [self.states[r] for r in req_ids])
         return RunnerOutput(tuple(req_ids), tuple(tokens))
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """compute_logits in slices of at most kernels.max_rows() rows when there are a few of them: the
+        skinny C++ kernel reads the (vocab x hidden) head once per slice and still beats the BLAS GEMM
+        that more rows would fall back to (gemma-3-270m, 16 rows: 2 x 79 ms against 190 ms, 1 thread)."""
+        rows, step = hidden.shape[0], max_rows()
+        if rows <= step or rows > 4 * step:
+            return self.model.compute_logits(hidden)
+        return torch.cat([self.model.compute_logits(hidden[i:i + step]) for i in range(0, rows, step)])
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[Tensor, Tensor, PagedAttentionMeta]:
         starts = [c.start_pos for c in chunks]

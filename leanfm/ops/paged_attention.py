@@ -115,7 +115,10 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mappin
 
 def gather_blocks(cache: Tensor, blocks: Tensor) -> Tensor:
     """cache (num_blocks, bs, Hkv, D), blocks (R, MB) -> keys or values (R, Hkv, MB * bs, D)."""
-    return cache[blocks].flatten(1, 2).transpose(1, 2)
+    r, mb = blocks.shape
+    _, bs, hkv, d = cache.shape
+    # index_select on the flat ids: several times faster than advanced indexing for this gather
+    return cache.index_select(0, blocks.reshape(-1)).view(r, mb * bs, hkv, d).transpose(1, 2)
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedAttentionPlan,
