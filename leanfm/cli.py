@@ -66,7 +66,8 @@ def generate(
         ids = tok.encode(text, add_special_tokens=False)
     else:
         ids = tok.encode(prompt)
-    llm = LLM(loaded.model, tok, max_num_seqs=1)
+    total = min(len(ids) + max_tokens, loaded.config.max_position_embeddings)
+    llm = LLM(loaded.model, tok, max_num_seqs=1, num_blocks=-(-total // 16) + 2)  # a KV cache for this request only
     final = None
     for out in llm.stream(ids, params):
         if out.new_text:
