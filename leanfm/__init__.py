@@ -17,6 +17,10 @@ _LAZY = {
     "build_model": "leanfm.models",
     "Generator": "leanfm.engine.generate",
     "SamplingParams": "leanfm.engine.params",
+    "LLM": "leanfm.engine.llm",
+    "AsyncLLM": "leanfm.engine.async_llm",
+    "EngineConfig": "leanfm.engine.config",
+    "RequestOutput": "leanfm.engine.request",
     "LeanfmError": "leanfm.utils.errors",
 }
 

@@ -55,7 +55,7 @@ def generate(
     seed: SeedOpt = None,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
-    from leanfm.engine.generate import Generator
+    from leanfm.engine.llm import LLM
 
     torch_dtype, _ = setup_torch(threads, dtype, seed)
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
@@ -66,19 +66,21 @@ def generate(
         ids = tok.encode(text, add_special_tokens=False)
     else:
         ids = tok.encode(prompt)
-    gen = Generator(loaded.model, tok)
-    result = None
-    for event in gen.stream(ids, params):
-        if event.text:
-            sys.stdout.write(event.text)
+    total = min(len(ids) + max_tokens, loaded.config.max_position_embeddings)
+    llm = LLM(loaded.model, tok, max_num_seqs=1, num_blocks=-(-total // 16) + 2)  # a KV cache for this request only
+    final = None
+    for out in llm.stream(ids, params):
+        if out.new_text:
+            sys.stdout.write(out.new_text)
             sys.stdout.flush()
-        result = event.result or result
+        final = out
     sys.stdout.write("\n")
-    if stats and result is not None:
+    if stats and final is not None:
+        m = final.metrics
         typer.echo(
-            f"[load {loaded.load_seconds:.2f}s | prompt {result.prompt_tokens} tok, first token "
-            f"{result.first_token_seconds * 1e3:.0f} ms | {len(result.token_ids)} tok at "
-            f"{result.decode_tokens_per_second:.1f} tok/s | finish: {result.finish_reason}]",
+            f"[load {loaded.load_seconds:.2f}s | prompt {m.num_prompt_tokens} tok, first token "
+            f"{(m.ttft or 0.0) * 1e3:.0f} ms | {len(final.token_ids)} tok at "
+            f"{m.decode_tokens_per_second:.1f} tok/s | finish: {final.finish_reason}]",
             err=True,
         )
 

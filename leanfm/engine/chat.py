@@ -1,16 +1,19 @@
-"""A multi-turn chat over the plain generator, using the model's chat template."""
+"""A multi-turn chat on the serving engine, using the model's chat template.
+
+Each turn's prompt starts with the previous turns, so the engine's prefix cache serves most of it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from leanfm.engine.generate import Generator
+from leanfm.engine.llm import LLM
 from leanfm.engine.params import SamplingParams
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, params: SamplingParams, system: str | None = None):
-        self.generator = Generator(model, tokenizer)
+    def __init__(self, model, tokenizer, params: SamplingParams, system: str | None = None, **engine_options):
+        self.llm = LLM(model, tokenizer, **{"max_num_seqs": 1, **engine_options})
         self.tokenizer = tokenizer
         self.params = params
         self.system = system
@@ -29,8 +32,8 @@ class ChatSession:
         """Add a user turn and stream the assistant's reply; the reply joins the history."""
         self.messages.append({"role": "user", "content": user_text})
         reply = []
-        for event in self.generator.stream(self.prompt_ids(), self.params):
-            if event.text:
-                reply.append(event.text)
-                yield event.text
+        for out in self.llm.stream(self.prompt_ids(), self.params):
+            if out.new_text:
+                reply.append(out.new_text)
+                yield out.new_text
         self.messages.append({"role": "assistant", "content": "".join(reply).strip()})

@@ -1,0 +1,152 @@
+"""AsyncLLM: the engine loop on a background thread, streaming outputs to asyncio callers.
+
+    llm = AsyncLLM("gemma-3-270m", max_num_seqs=16)
+    async for out in llm.generate("Hello", SamplingParams(max_tokens=32), request_id="r1"):
+        print(out.new_text, end="")            # out.text is everything so far
+    llm.abort("r1")                           # from any thread: frees everything r1 holds
+    llm.shutdown()
+
+Only the engine thread touches the engine. Callers hand it commands (add, abort) through a locked
+queue and get outputs back through their event loop (call_soon_threadsafe into an asyncio.Queue).
+A caller that stops iterating early aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from leanfm.engine.llm import build_engine
+from leanfm.engine.params import SamplingParams
+from leanfm.engine.request import RequestOutput
+from leanfm.engine.stats import EngineStats
+from leanfm.utils.errors import LeanfmError
+
+_Sink = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+
+
+class AsyncLLM:
+    def __init__(self, model: Any = "gemma-3-270m", tokenizer: Any = None, **engine_options: Any):
+        self.engine = build_engine(model, tokenizer, **engine_options)
+        self.tokenizer = self.engine.tokenizer
+        self._cv = threading.Condition()
+        self._commands: deque[tuple[str, Any, Any]] = deque()  # guarded by _cv
+        self._active: set[str] = set()  # request ids between generate() and their last output; by _cv
+        self._sinks: dict[str, _Sink] = {}  # engine thread only
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="leanfm-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- caller side
+    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield a RequestOutput whenever the request gets tokens (.new_text is the delta); the last one
+        has a finish_reason. Bad input raises LeanfmError before anything is yielded."""
+        req = self.engine.make_request(prompt, params, request_id, priority)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        with self._cv:
+            self._check_alive()
+            if req.request_id in self._active:
+                raise LeanfmError(f"request id {req.request_id!r} is already in use; give each request its own id")
+            self._active.add(req.request_id)
+            self._commands.append(("add", req, (loop, queue)))
+            self._cv.notify()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(req.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (from any thread); its stream ends with finish_reason "abort"."""
+        with self._cv:
+            if not self._stopped:
+                self._commands.append(("abort", request_id, None))
+                self._cv.notify()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the engine thread; unfinished streams end with finish_reason "abort"."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> AsyncLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise LeanfmError(f"the engine stopped after an error: {self._error!r}")
+        if self._stopped:
+            raise LeanfmError("the engine is shut down; create a new AsyncLLM")
+
+    # ---------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._commands or self._stopped or self.engine.has_unfinished):
+                    self._cv.wait()
+                commands = list(self._commands)
+                self._commands.clear()
+                stopped = self._stopped
+            for kind, arg, sink in commands:
+                if kind == "add":
+                    self._sinks[arg.request_id] = sink
+                    self.engine.scheduler.add_request(arg)
+                else:
+                    self._abort(arg)
+            if stopped:
+                break
+            if self.engine.has_unfinished:
+                try:
+                    updated = self.engine.step()
+                except BaseException as exc:  # the engine's state is unknown now: fail everyone
+                    self._fail(exc)
+                    return
+                for req in updated:
+                    self._deliver(req.request_id, req.output())
+        for req_id in list(self._sinks):
+            self._abort(req_id)
+
+    def _abort(self, request_id: str) -> None:
+        req = self.engine.abort(request_id)
+        if req is not None:
+            self._deliver(request_id, req.output())
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        sink = self._sinks.get(request_id)
+        if isinstance(item, BaseException) or item.finished:
+            self._sinks.pop(request_id, None)
+            with self._cv:
+                self._active.discard(request_id)
+        if sink is None:
+            return
+        loop, queue = sink
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cv:
+            self._error = exc
+            self._stopped = True
+        for req_id in list(self._sinks):
+            self._deliver(req_id, LeanfmError(f"the engine failed: {exc!r}"))

@@ -1,0 +1,131 @@
+"""EngineCore: the serving loop's one step, schedule -> run -> update, and request admission.
+
+    core = EngineCore(model, tokenizer, EngineConfig(max_num_seqs=16))
+    core.add_request("Hello", SamplingParams(max_tokens=8))
+    while core.has_unfinished:
+        for req in core.step():          # requests that got a token or finished this step
+            print(req.output().new_text)
+
+Single-threaded; AsyncLLM runs it on a background thread, LLM drives it inline.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from leanfm.engine.config import EngineConfig, EngineConfigError
+from leanfm.engine.kv.groups import plan_kv_groups
+from leanfm.engine.kv.manager import KVCacheManager
+from leanfm.engine.params import SamplingParams
+from leanfm.engine.request import Request
+from leanfm.engine.runner import ModelRunner
+from leanfm.engine.scheduler import Scheduler
+from leanfm.engine.stats import EngineStats
+from leanfm.utils.errors import ContextLengthError, LeanfmError
+
+
+class EngineCore:
+    def __init__(self, model: nn.Module, tokenizer=None, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        mc = model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise EngineConfigError(f"max_model_len={self.max_model_len} exceeds the model's context of "
+                                    f"{mc.max_position_embeddings} tokens; lower max_model_len")
+        dtype = next(model.parameters()).dtype
+        if config.dtype != "auto" and getattr(torch, config.dtype) != dtype:
+            raise EngineConfigError(f"the model's weights are {str(dtype).removeprefix('torch.')} but dtype="
+                                    f"{config.dtype!r}; pass dtype='auto' or load the model in {config.dtype}")
+        groups = plan_kv_groups(mc, config, dtype.itemsize, self.max_model_len)
+        self.kv = KVCacheManager(groups, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv)
+        self.runner = ModelRunner(model, groups, config.block_size)
+        self.default_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", None) or mc.eos_token_id)
+        self.num_generated_tokens = 0
+        self._next_id = itertools.count()
+
+    # ---------------------------------------------------------------- requests
+    def make_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                     request_id: str | None = None, priority: int = 0, arrival_time: float | None = None) -> Request:
+        """A validated Request (not yet added): bad input raises a one-line LeanfmError."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise LeanfmError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ContextLengthError("the prompt is empty after tokenization; give a non-empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise ContextLengthError(f"prompt has {len(ids)} tokens but the context holds {self.max_model_len}; "
+                                     "shorten the prompt (or raise max_model_len if the model supports it)")
+        if params.stop and self.tokenizer is None:
+            raise LeanfmError("stop strings need a tokenizer; give the engine one or use stop_token_ids")
+        total = min(len(ids) + params.max_tokens, self.max_model_len)
+        need = self.kv.max_blocks_needed(total, self.config.max_num_batched_tokens)
+        for g, n, pool in zip(self.kv.groups, need, self.kv.pools, strict=True):
+            if n > pool.num_usable:
+                raise LeanfmError(f"a request of {total} tokens needs {n} KV blocks in the {g.name}-attention "
+                                  f"group but the cache has {pool.num_usable}; raise num_blocks or kv_memory_bytes, "
+                                  "or lower max_tokens")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.default_stop_ids)
+        detok = None
+        if self.tokenizer is not None:
+            detok = self.tokenizer.stream_decoder(skip_special_tokens=params.skip_special_tokens)
+        rid = str(next(self._next_id)) if request_id is None else str(request_id)
+        return Request(rid, ids, params, stop_token_ids=stop_ids, max_model_len=self.max_model_len,
+                       detokenizer=detok, prompt=text, priority=priority, arrival_time=arrival_time)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ContextLengthError("the prompt is empty; give a non-empty prompt")
+            if self.tokenizer is None:
+                raise LeanfmError("a text prompt needs a tokenizer; give the engine one or pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        try:
+            ids = [int(i) for i in prompt]
+        except (TypeError, ValueError):
+            raise LeanfmError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}") from None
+        vocab = self.model.config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise LeanfmError(f"token id {bad} is outside the vocabulary [0, {vocab}); check the prompt's ids")
+        return None, ids
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0, arrival_time: float | None = None) -> Request:
+        req = self.make_request(prompt, params, request_id, priority, arrival_time)
+        self.scheduler.add_request(req)
+        return req
+
+    def abort(self, request_id: str) -> Request | None:
+        """Stop a request now and free its KV blocks; returns it (finished, reason "abort") or None."""
+        return self.scheduler.abort(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---------------------------------------------------------------- the loop
+    def step(self) -> list[Request]:
+        """One engine iteration; returns the requests that got a new token or finished."""
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched)
+        if sched.is_empty and self.scheduler.requests and not self.scheduler.running:
+            raise RuntimeError("the engine cannot schedule any waiting request (KV cache too small?)")
+        self.num_generated_tokens += len(result.sampled_token_ids)
+        return self.scheduler.update_from_output(sched, result)
+
+    def stats(self) -> EngineStats:
+        s, kv = self.scheduler, self.kv
+        return EngineStats(
+            num_steps=s.num_steps, num_running=len(s.running), num_waiting=len(s.waiting),
+            num_preemptions=s.num_preemptions, prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits, kv_groups=tuple(g.name for g in kv.groups),
+            kv_blocks_total=tuple(p.num_usable for p in kv.pools), kv_blocks_free=tuple(p.num_free for p in kv.pools),
+            kv_cache_bytes=self.runner.kv_bytes, last_step_tokens=s.last_step_tokens,
+            num_scheduled_tokens=s.num_scheduled_tokens, num_generated_tokens=self.num_generated_tokens)
