@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "dora_magnitude", "dora_output", "dora_scale", "lora_delta", "lora_scaling", "pissa_factors",
+    "dequantize_blockwise", "dora_magnitude", "dora_output", "dora_scale", "lora_delta", "lora_scaling",
+    "pissa_factors", "quantize_blockwise",
 ]
 
 
@@ -53,3 +54,32 @@ def pissa_factors(weight: Tensor, r: int, scaling: float) -> tuple[Tensor, Tenso
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
     root = torch.sqrt(s[:r] / scaling)
     return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+
+
+# --- 8-bit optimizer states --------------------------------------------------------------------------
+def quantize_blockwise(x: Tensor, block: int, signed: bool, power: float) -> tuple[Tensor, Tensor]:
+    """Blockwise companded 8-bit codes of x (flattened, zero-padded to whole blocks) and each block's
+    absmax. A value u = x / absmax in [-1, 1] is stored as round(sign(u) |u|^(1/power) * qmax), so small
+    values keep precision (power > 1 spreads the codes over several decades, as a dynamic map does).
+    signed: int8 codes in [-127, 127]; else uint8 codes in [0, 255] for x >= 0."""
+    flat = x.detach().float().reshape(-1)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.view(-1, block)
+    absmax = blocks.abs().amax(1).clamp_min(1e-30)
+    u = (blocks / absmax[:, None]).clamp_(-1, 1)
+    c = u.abs().pow_(1.0 / power)
+    if signed:
+        return (c.mul_(127).round_() * u.sign()).to(torch.int8).view(-1), absmax
+    return c.mul_(255).round_().to(torch.uint8).view(-1), absmax
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, shape: torch.Size, block: int, signed: bool,
+                         power: float) -> Tensor:
+    """Inverse of quantize_blockwise: fp32 values of `shape`."""
+    qmax = 127.0 if signed else 255.0
+    c = codes.view(-1, block).float() / qmax
+    u = c.abs().pow_(power) * (c.sign() if signed else 1.0)
+    n = math.prod(shape)
+    return (u * absmax[:, None]).view(-1)[:n].view(shape)
