@@ -38,8 +38,11 @@ def dora_magnitude(weight: Tensor, delta: Tensor | None = None) -> Tensor:
 
 
 def dora_scale(magnitude: Tensor, weight: Tensor, delta: Tensor) -> Tensor:
-    """m / ||W + delta||_row, (out,). The norm is treated as a constant in backward (DoRA §4.3)."""
-    return magnitude / dora_magnitude(weight, delta).detach().to(magnitude.dtype)
+    """m / ||W + delta||_row, (out,). The norm is a constant in backward (DoRA §4.3): computed without
+    autograd, so no weight-sized tensor is kept for the backward pass."""
+    with torch.no_grad():
+        norm = dora_magnitude(weight, delta)
+    return magnitude / norm.to(magnitude.dtype)
 
 
 def dora_output(base_no_bias: Tensor, lora_out: Tensor, scale: Tensor, scaling: float) -> Tensor:

@@ -183,6 +183,8 @@ class PromptTuningConfig(_VirtualTokensConfig):
     def make_encoder(self, model: nn.Module, generator: torch.Generator) -> nn.Module:
         c = model.config
         enc = PromptEncoder(self.num_virtual_tokens, c.hidden_size)
+        if next(model.parameters()).is_meta:  # shapes only (memory planning)
+            return enc
         if self.init_std is None:  # rows of the (scaled) embedding table, as PEFT's SAMPLE_VOCAB init
             ids = torch.randint(0, c.vocab_size, (1, self.num_virtual_tokens), generator=generator)
             enc.embedding.copy_(model.embed(ids)[0].float())

@@ -24,7 +24,7 @@ from leanfm.tune import api
 from leanfm.tune.config import AdapterError
 from leanfm.tune.peft_format import save_adapter
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "restore_rng", "rng_state", "save_checkpoint"]
+__all__ = ["latest_checkpoint", "load_checkpoint", "publish_adapter", "restore_rng", "rng_state", "save_checkpoint"]
 
 CKPT_DIR, STATE_NAME = "checkpoints", "trainer_state.pt"
 
@@ -76,3 +76,27 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         raise AdapterError(f"{path} was written by a run with different {', '.join(diff)}; resume with the same "
                            "settings, or start over with a new output directory (or --no-resume)")
     return state
+
+
+def publish_adapter(out_dir: Path) -> Path:
+    """Copy the latest checkpoint's adapter into out_dir itself (beside checkpoints/): staged in a temporary
+    directory, then moved in file by file with adapter_config.json last, so a reader that finds the config
+    finds a complete adapter. (From the checkpoint, not the model: a sharded model need not be gathered.)"""
+    from leanfm.tune.peft_format import CONFIG_NAME, LEANFM_NAME, WEIGHTS_NAME
+
+    out_dir = Path(out_dir)
+    last = latest_checkpoint(out_dir)
+    if last is None:
+        raise AdapterError(f"{out_dir}: no checkpoint to publish")
+    tmp = out_dir / f".final-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        names = (WEIGHTS_NAME, LEANFM_NAME, CONFIG_NAME)
+        for name in names:
+            shutil.copy2(last / name, tmp / name)
+        (out_dir / CONFIG_NAME).unlink(missing_ok=True)
+        for name in names:
+            (tmp / name).replace(out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
