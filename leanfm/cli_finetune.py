@@ -85,13 +85,12 @@ def _load_data(data: Path, eval_data: Path | None, eval_fraction: float, tokeniz
     return train_set, held, {**stats, "train": len(train_set), "held_out": len(held)}
 
 
-def _plan(config, adapter, train_cfg, train_set, dtype, runtime: int):
+def _plan(config, adapter, train_cfg, train_set, dtype):
     from leanfm.tune.memory import plan_memory
 
     seq = max(len(e.input_ids) for e in train_set)
     labeled = sum(e.n_labels for e in train_set) / max(1, sum(len(e.input_ids) for e in train_set))
-    return plan_memory(config, adapter, train_cfg, seq_len=seq, labeled_fraction=labeled, dtype=dtype,
-                       runtime_bytes=runtime)
+    return plan_memory(config, adapter, train_cfg, seq_len=seq, labeled_fraction=labeled, dtype=dtype)
 
 
 def _summary(res, plan, peak: int, out: Path) -> str:
@@ -134,7 +133,7 @@ def finetune_cmd(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Fine-tune an adapter (LoRA, DoRA, QLoRA, IA3, prompt/prefix tuning, bottleneck, BitFit) and save it."""
-    from leanfm.tune.memory import current_rss_bytes
+    from leanfm.tune.memory import limit_heap_retention
     from leanfm.tune.trainer import TrainConfig
 
     torch_dtype, _ = setup_torch(threads, dtype, None)
@@ -149,10 +148,10 @@ def finetune_cmd(
         _check_output(output, overwrite, resume)
     par.barrier()
     config = _check_targets(model, adapter)
-    runtime = current_rss_bytes()
+    limit_heap_retention()
     try:
         _run(model, adapter, train_cfg, config, data, eval_data, eval_fraction, max_len, output, resume,
-             torch_dtype, runtime, par)
+             torch_dtype, par)
     finally:
         if par.world > 1:
             from leanfm.tune.distributed import teardown
@@ -169,21 +168,32 @@ def _parallel(distributed: str | None):
     return setup(distributed or "ddp")
 
 
+def _tokenizer(model_ref: str):
+    """The model's tokenizer without loading its weights."""
+    from leanfm.checkpoint.loader import cached_alias_dir, resolve
+    from leanfm.checkpoint.tokenizer import Tokenizer
+
+    cached = cached_alias_dir(model_ref)
+    kind, path = ("hf", cached) if cached else resolve(model_ref)
+    return Tokenizer.from_hf_dir(path) if kind == "hf" else Tokenizer.from_gguf(path)
+
+
 def _run(model_ref, adapter, train_cfg, config, data, eval_data, eval_fraction, max_len, output, resume,
-         dtype, runtime, par) -> None:
+         dtype, par) -> None:
     from leanfm.checkpoint.loader import load_model
     from leanfm.tune.api import add_adapter
     from leanfm.tune.memory import peak_rss_bytes
     from leanfm.tune.state import publish_adapter
     from leanfm.tune.trainer import train
 
-    loaded = load_model(model_ref, dtype=dtype, progress=par.is_main)
-    train_set, held, stats = _load_data(data, eval_data, eval_fraction, loaded.tokenizer, max_len, train_cfg.seed)
-    plan = _plan(config, adapter, train_cfg, train_set, dtype, runtime)
+    tokenizer = _tokenizer(model_ref)
+    train_set, held, stats = _load_data(data, eval_data, eval_fraction, tokenizer, max_len, train_cfg.seed)
+    plan = _plan(config, adapter, train_cfg, train_set, dtype)  # before the weights load: runtime = RSS now
     if par.is_main:
         typer.echo(plan.table(), err=True)
+    loaded = load_model(model_ref, dtype=dtype, progress=par.is_main)
     add_adapter(loaded.model, adapter, seed=train_cfg.seed)
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data_id = {"data": stats, "model": model_ref}
     res = train(loaded.model, train_set, held, train_cfg, pad_id=pad, out_dir=output, par=par, resume=resume,
                 fingerprint=data_id, adapter_meta={"base_model": model_ref})
