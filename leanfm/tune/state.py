@@ -38,7 +38,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     scheduler: Any, history: list[dict], fingerprint: dict[str, Any], keep: int = 2,
                     adapter_meta: dict[str, Any] | None = None) -> Path:
     root = Path(out_dir) / CKPT_DIR
@@ -47,7 +47,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     tmp = root / f".step-{step:06d}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         save_adapter(model, tmp, extra=adapter_meta)
-        torch.save({"step": step, "adapter": api.adapter_state_dict(model), "optimizer": optimizer.state_dict(),
+        torch.save({"step": step, "adapter": api.adapter_state_dict(model), "optimizer": None if optimizer is None else optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
                     "fingerprint": fingerprint}, tmp / STATE_NAME)
         if final.exists():

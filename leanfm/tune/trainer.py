@@ -206,8 +206,9 @@ def _save(model, runner, out_dir, step, opt, sched, history, fingerprint, config
 
     with par.full_params(runner):
         if par.is_main:
-            save_checkpoint(Path(out_dir), step, model, opt, sched, history, fingerprint, config.keep_checkpoints,
-                            meta)
+            sharded = par.kind == "fsdp"  # its optimizer state is sharded DTensors: not saved (see distributed)
+            save_checkpoint(Path(out_dir), step, model, None if sharded else opt, sched, history, fingerprint,
+                            config.keep_checkpoints, meta)
     par.barrier()
 
 
@@ -243,7 +244,7 @@ def train(model: nn.Module, train_set: list[Example], eval_set: list[Example], c
     if state is not None:
         start, history = state["step"], state["history"]
         sched.load_state_dict(state["scheduler"])
-        if par.kind != "fsdp":  # sharded optimizer states are not saved: moments restart (see distributed)
+        if state["optimizer"] is not None:  # None from a sharded run: its moments restart (see distributed)
             opt.load_state_dict(state["optimizer"])
 
     def run_eval(step: int) -> float:
