@@ -247,7 +247,9 @@ def train(model: nn.Module, train_set: list[Example], eval_set: list[Example], c
         if state["optimizer"] is not None:  # None from a sharded run: its moments restart (see distributed)
             opt.load_state_dict(state["optimizer"])
 
-    def run_eval(step: int) -> float:
+    def run_eval(step: int) -> float | None:
+        if not eval_set:  # e.g. a federated client's local round: the server evaluates
+            return None
         loss = evaluate(runner, eval_set, pad_id, config.eval_batch_size, par, config.bf16)
         history.append({"step": step, "eval_loss": loss})
         if par.is_main and progress:
@@ -277,7 +279,7 @@ def train(model: nn.Module, train_set: list[Example], eval_set: list[Example], c
     bar.close()
     if "eval_loss" not in history[-1]:  # (a resumed, already finished run has its final evaluation)
         run_eval(config.steps)
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h] or [None]
     if out_dir is not None and start < config.steps:
         _save(model, runner, out_dir, config.steps, opt, sched, history, fingerprint, config, par, adapter_meta)
     n_trainable = sum(p.numel() for _, p in api.adapter_parameters(model))
