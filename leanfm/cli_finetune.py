@@ -168,8 +168,8 @@ def _parallel(distributed: str | None):
     return setup(distributed or "ddp")
 
 
-def _tokenizer(model_ref: str):
-    """The model's tokenizer without loading its weights."""
+def tokenizer_only(model_ref: str):
+    """The model's tokenizer without loading its weights (alias, .gguf, HF directory or artifact)."""
     from leanfm.checkpoint.loader import cached_alias_dir, resolve
     from leanfm.checkpoint.tokenizer import Tokenizer
 
@@ -186,7 +186,7 @@ def _run(model_ref, adapter, train_cfg, config, data, eval_data, eval_fraction, 
     from leanfm.tune.state import publish_adapter
     from leanfm.tune.trainer import train
 
-    tokenizer = _tokenizer(model_ref)
+    tokenizer = tokenizer_only(model_ref)
     train_set, held, stats = _load_data(data, eval_data, eval_fraction, tokenizer, max_len, train_cfg.seed)
     plan = _plan(config, adapter, train_cfg, train_set, dtype)  # before the weights load: runtime = RSS now
     if par.is_main:

@@ -201,15 +201,75 @@ def _resume(model: nn.Module, out_dir: Path | None, fingerprint: dict, par: Para
     return state
 
 
-def _save(model, runner, out_dir, step, opt, sched, history, fingerprint, config, par, meta) -> None:
-    from leanfm.tune.state import save_checkpoint
+@dataclass
+class _Session:
+    """One train() call's moving parts: what evaluation and checkpointing need between steps."""
 
-    with par.full_params(runner):
-        if par.is_main:
-            sharded = par.kind == "fsdp"  # its optimizer state is sharded DTensors: not saved (see distributed)
-            save_checkpoint(Path(out_dir), step, model, None if sharded else opt, sched, history, fingerprint,
-                            config.keep_checkpoints, meta)
-    par.barrier()
+    model: nn.Module
+    runner: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    config: TrainConfig
+    par: Parallel
+    eval_set: list[Example]
+    pad_id: int
+    out_dir: Path | None
+    fingerprint: dict[str, Any]
+    adapter_meta: dict[str, Any] | None
+    progress: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def evaluate(self, step: int) -> None:
+        if not self.eval_set:  # e.g. a federated client's local round: the server evaluates
+            return
+        loss = evaluate(self.runner, self.eval_set, self.pad_id, self.config.eval_batch_size, self.par,
+                        self.config.bf16)
+        self.history.append({"step": step, "eval_loss": loss})
+        if self.par.is_main and self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(f"step {step}: held-out loss {loss:.4f}")
+
+    def save(self, step: int) -> None:
+        from leanfm.tune.state import save_checkpoint
+
+        if self.out_dir is None:
+            return
+        with self.par.full_params(self.runner):
+            if self.par.is_main:
+                sharded = self.par.kind == "fsdp"  # its optimizer state is sharded DTensors: not saved
+                save_checkpoint(self.out_dir, step, self.model, None if sharded else self.opt, self.sched,
+                                self.history, self.fingerprint, self.config.keep_checkpoints, self.adapter_meta)
+        self.par.barrier()
+
+
+def _start(model: nn.Module, train_set: list[Example], config: TrainConfig, par: Parallel, out_dir: Path | None,
+           resume: bool, fingerprint: dict[str, Any]) -> tuple[nn.Module, Any, Any, int, list[dict]]:
+    """Checks, then (runner, optimizer, scheduler, first step, history), restored from a checkpoint if any."""
+    if config.batch_size % (config.grad_accum * par.world):
+        raise AdapterError(f"batch_size {config.batch_size} must divide into grad_accum {config.grad_accum} x "
+                           f"{par.world} process(es)")
+    if len(train_set) < config.batch_size:
+        raise AdapterError(f"the training split has {len(train_set)} example(s), fewer than one batch of "
+                           f"{config.batch_size}; add data or lower --batch-size")
+    if config.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    state = _resume(model, out_dir, fingerprint, par) if resume else None
+    if state is None:  # a fresh run is a function of its seed (dropout masks...); a resumed one restores RNG
+        torch.manual_seed(config.seed)
+    runner = par.wrap(CausalLMLoss(model, config.loss_chunk))
+    params = [p for p in runner.parameters() if p.requires_grad]
+    if not params:
+        raise AdapterError("the model has no trainable parameters; add_adapter() before training")
+    opt = _build_optimizer(params, config)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config.schedule, config.warmup_steps, config.steps))
+    if state is None:
+        return runner, opt, sched, 0, []
+    sched.load_state_dict(state["scheduler"])
+    if state["optimizer"] is not None:  # None from a sharded run: its moments restart (see distributed)
+        opt.load_state_dict(state["optimizer"])
+    return runner, opt, sched, state["step"], state["history"]
 
 
 def train(model: nn.Module, train_set: list[Example], eval_set: list[Example], config: TrainConfig, *,
@@ -221,43 +281,13 @@ def train(model: nn.Module, train_set: list[Example], eval_set: list[Example], c
     from tqdm import tqdm
 
     par = par or Parallel()
-    if config.batch_size % (config.grad_accum * par.world):
-        raise AdapterError(f"batch_size {config.batch_size} must divide into grad_accum {config.grad_accum} x "
-                           f"{par.world} process(es)")
-    if len(train_set) < config.batch_size:
-        raise AdapterError(f"the training split has {len(train_set)} example(s), fewer than one batch of "
-                           f"{config.batch_size}; add data or lower --batch-size")
-    if config.grad_checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()
+    out_dir = None if out_dir is None else Path(out_dir)
     fingerprint = _fingerprint(model, config, fingerprint)
-    state = _resume(model, out_dir, fingerprint, par) if resume else None
-    if state is None:  # a fresh run is a function of its seed (dropout masks...); a resumed one restores RNG
-        torch.manual_seed(config.seed)
-    runner = par.wrap(CausalLMLoss(model, config.loss_chunk))
-    params = [p for p in runner.parameters() if p.requires_grad]
-    if not params:
-        raise AdapterError("the model has no trainable parameters; add_adapter() before training")
-    opt = _build_optimizer(params, config)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config.schedule, config.warmup_steps, config.steps))
-    start, history = 0, []
-    if state is not None:
-        start, history = state["step"], state["history"]
-        sched.load_state_dict(state["scheduler"])
-        if state["optimizer"] is not None:  # None from a sharded run: its moments restart (see distributed)
-            opt.load_state_dict(state["optimizer"])
-
-    def run_eval(step: int) -> float | None:
-        if not eval_set:  # e.g. a federated client's local round: the server evaluates
-            return None
-        loss = evaluate(runner, eval_set, pad_id, config.eval_batch_size, par, config.bf16)
-        history.append({"step": step, "eval_loss": loss})
-        if par.is_main and progress:
-            tqdm.write(f"step {step}: held-out loss {loss:.4f}")
-        return loss
-
+    runner, opt, sched, start, history = _start(model, train_set, config, par, out_dir, resume, fingerprint)
+    run = _Session(model, runner, opt, sched, config, par, eval_set, pad_id, out_dir, fingerprint, adapter_meta,
+                   progress, history)
     if start == 0:
-        run_eval(0)
+        run.evaluate(0)
     bar = tqdm(total=config.steps, initial=start, desc="finetune", disable=not (progress and par.is_main),
                dynamic_ncols=True)
     tokens, seconds = 0, 0.0
@@ -269,18 +299,19 @@ def train(model: nn.Module, train_set: list[Example], eval_set: list[Example], c
         sched.step()
         seconds += time.perf_counter() - t0
         tokens += int(par.all_reduce(torch.tensor(n_in)))
-        history.append({"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0]})
+        lr = sched.get_last_lr()[0]
+        run.history.append({"step": step + 1, "loss": loss, "lr": lr})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(seconds, 1e-9):.1f}", lr=f"{lr:.2e}")
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            run_eval(step + 1)
-        if out_dir is not None and config.save_every and (step + 1) % config.save_every == 0:
-            _save(model, runner, out_dir, step + 1, opt, sched, history, fingerprint, config, par, adapter_meta)
+            run.evaluate(step + 1)
+        if config.save_every and (step + 1) % config.save_every == 0:
+            run.save(step + 1)
     bar.close()
-    if "eval_loss" not in history[-1]:  # (a resumed, already finished run has its final evaluation)
-        run_eval(config.steps)
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h] or [None]
-    if out_dir is not None and start < config.steps:
-        _save(model, runner, out_dir, config.steps, opt, sched, history, fingerprint, config, par, adapter_meta)
+    if "eval_loss" not in run.history[-1]:  # (a resumed, already finished run has its final evaluation)
+        run.evaluate(config.steps)
+    if start < config.steps:
+        run.save(config.steps)
+    evals = [h["eval_loss"] for h in run.history if "eval_loss" in h] or [None]
     n_trainable = sum(p.numel() for _, p in api.adapter_parameters(model))
-    return TrainResult(config.steps - start, n_trainable, tokens, seconds, evals[0], evals[-1], history)
+    return TrainResult(config.steps - start, n_trainable, tokens, seconds, evals[0], evals[-1], run.history)
