@@ -91,6 +91,8 @@ def fused_linear_cross_entropy(h: Tensor, y: Tensor, head: nn.Module, softcap: f
 
 
 def _head_is_frozen(head: nn.Module) -> bool:
+    if not torch.is_grad_enabled():  # evaluation: nothing is trained
+        return not isinstance(head, AdapterHost) or head.active_branch() is None
     if isinstance(head, AdapterHost) and head.active_branch() is not None:
         return False
     return not any(p.requires_grad for p in head.parameters()) and getattr(head, "bias", None) is None
