@@ -48,6 +48,14 @@ class AdamW8bit(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every loaded state tensor to its parameter's dtype; put the 8-bit codes back."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "m_codes" in state:
+                state["m_codes"] = state["m_codes"].to(torch.int8)
+                state["v_codes"] = state["v_codes"].to(torch.uint8)
+
     @staticmethod
     def _init_state(state: dict, p: Tensor) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32)
@@ -90,7 +98,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(state, p)
-                state["step"] += 1
+                state["step"] = state["step"] + 1
                 t = float(state["step"])
                 m, v = self._moments(state, p)
                 g = p.grad.float()
