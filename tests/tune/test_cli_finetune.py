@@ -4,6 +4,7 @@ fail with one `error:` line and a non-zero exit before training starts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ WORDS = ["cat", "dog", "sun", "map", "pen", "cup", "hat", "box", "egg", "fox"]
 
 def leanfm(*args, env_extra=None):
     code = "import sys; from leanfm.cli import main; sys.argv = ['leanfm', *sys.argv[1:]]; main()"
-    env = {"LEANFM_KERNELS": "0", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {"LEANFM_KERNELS": "0", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
 
 
@@ -53,7 +54,7 @@ def test_lora_run_then_generate_chat_eval_with_the_adapter(tiny_model_dir, data,
     assert gen.returncode == 0, gen.stderr
     chat = subprocess.run([sys.executable, "-m", "leanfm.cli", "chat", "-m", str(tiny_model_dir), "--adapter", str(out),
                            "--max-tokens", "3", "--temperature", "0"], input="hi\n/exit\n", capture_output=True,
-                          text=True, env={"LEANFM_KERNELS": "0", "PATH": "/usr/bin:/bin"})
+                          text=True, env={"LEANFM_KERNELS": "0", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     assert chat.returncode == 0, chat.stderr
     text = tmp_path / "t.txt"
     text.write_text("say cat: cat cat. say dog: dog dog. " * 20)

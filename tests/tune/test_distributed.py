@@ -4,6 +4,7 @@ process on the same global batch; an FSDP run completes and saves an adapter tha
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 WORDS = ["cat", "dog", "sun", "map", "pen", "cup", "hat", "box", "egg", "fox"]
-ENV = {"LEANFM_KERNELS": "0", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+ENV = {"LEANFM_KERNELS": "0", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 ARGS = ["--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--rank", "4", "--eval-fraction", "0.2"]
 
 

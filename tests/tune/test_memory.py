@@ -4,6 +4,7 @@ matches what autograd keeps, and its total tracks a measured peak RSS (in a fres
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,7 +80,7 @@ print(json.dumps({"predicted": p.total, "measured": peak_rss_bytes()}))
 @pytest.mark.parametrize("checkpointing", ["0", "1"])
 def test_total_tracks_measured_peak(checkpointing):
     out = subprocess.run([sys.executable, "-c", PROBE, checkpointing], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "LEANFM_KERNELS": "0"})
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1", "LEANFM_KERNELS": "0"})
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.85 < r["predicted"] / r["measured"] < 1.2, {k: v / MB for k, v in r.items()}
