@@ -41,22 +41,25 @@ def _adapter_config(method: str, rank: int | None, alpha: float | None, dropout:
     return config_from_dict(d)
 
 
-def _check_output(out: Path, overwrite: bool, resume: bool) -> None:
+def _check_output(out: Path, overwrite: bool, resume: bool) -> bool:
+    """Raise if OUT cannot take this run; True when OUT must be cleared first (--overwrite). Every process
+    checks (so all fail together); only rank 0 clears."""
     if out.exists() and not out.is_dir():
         raise LeanfmError(f"{out} exists and is not a directory; choose another -o")
     if not out.is_dir() or not any(out.iterdir()):
-        return
+        return False
     finished = (out / "adapter_config.json").is_file()
     ckpts = (out / "checkpoints").is_dir()
     if overwrite:
-        shutil.rmtree(out)
-    elif finished:
+        return True
+    if finished:
         raise LeanfmError(f"{out} already holds a finished adapter; choose a new -o or pass --overwrite")
-    elif not ckpts:
+    if not ckpts:
         raise LeanfmError(f"{out} is not empty and holds no fine-tuning run; choose a new -o")
-    elif not resume:
+    if not resume:
         raise LeanfmError(f"{out} holds checkpoints of an earlier run; drop --no-resume to continue it, or "
                           "pass --overwrite to start over")
+    return False
 
 
 def _check_targets(model_ref: str, adapter) -> Any:
@@ -144,12 +147,12 @@ def finetune_cmd(
                             optimizer=optimizer, bf16=bf16, grad_checkpointing=grad_checkpointing,
                             eval_every=eval_every, save_every=save_every, seed=seed)
     par = _parallel(distributed)
-    if par.is_main:
-        _check_output(output, overwrite, resume)
-    par.barrier()
-    config = _check_targets(model, adapter)
-    limit_heap_retention()
     try:
+        if _check_output(output, overwrite, resume) and par.is_main:
+            shutil.rmtree(output)
+        par.barrier()
+        config = _check_targets(model, adapter)
+        limit_heap_retention()
         _run(model, adapter, train_cfg, config, data, eval_data, eval_fraction, max_len, output, resume,
              torch_dtype, par)
     finally:
