@@ -205,6 +205,10 @@ def _module_of(key: str) -> str:
 
 def _config_from_peft(peft: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> AdapterConfig:
     kind = peft.get("peft_type")
+    for key in ("modules_to_save", "trainable_token_indices"):
+        if peft.get(key):
+            raise AdapterError(f"{path}: the adapter also trains whole modules or token rows ({key}: "
+                               f"{peft[key]}), which leanfm does not load; save it without {key}")
     modules = sorted({_module_of(k) for k in tensors if k != "prompt_embeddings"})
     if kind == "LORA":
         for key in ("rank_pattern", "alpha_pattern"):

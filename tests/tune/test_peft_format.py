@@ -151,3 +151,11 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     shallow = make_tiny_model("llama", num_hidden_layers=1)
     with pytest.raises(AdapterError, match="does not have"):
         load_adapter(shallow, tmp_path / "a")
+
+
+def test_peft_adapter_with_full_modules_is_refused(base_dirs, tmp_path):
+    tuned = peft.get_peft_model(hf_base(base_dirs["llama"]), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                            modules_to_save=["lm_head"]))
+    tuned.save_pretrained(tmp_path / "p")
+    with pytest.raises(AdapterError, match="modules_to_save"):
+        load_adapter(make_tiny_model("llama"), tmp_path / "p")
