@@ -104,17 +104,23 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
         make_trainable_quant(model)
         if config.level == "model":
             gen = torch.Generator().manual_seed(seed)
-            attach_virtual(model, name, config.make_encoder(model, gen))
+            attach_virtual(model, name, config.make_encoder(model, gen).to(_device(model)))
         else:
             for target in names:
                 layer = model.get_submodule(target)
-                L.attach(layer, name, config.make_branch(target, layer))
+                L.attach(layer, name, config.make_branch(target, layer).to(_device(layer)))
     adapter_configs(model)[name] = config
     if activate or active_adapter(model) is None:
         set_adapter(model, name)
     else:
         set_adapter(model, active_adapter(model))
     return names
+
+
+def _device(module: nn.Module) -> torch.device:
+    """Where a module's tensors live (adapters are made there; they stay fp32 whatever the base dtype)."""
+    t = next(iter([*module.parameters(), *module.buffers()]), None)
+    return t.device if t is not None else torch.device("cpu")
 
 
 def _check_pissa(model: nn.Module, names: list[str], config: AdapterConfig) -> None:
