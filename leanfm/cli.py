@@ -13,7 +13,15 @@ from typing import Annotated
 
 import typer
 
-from leanfm.cli_common import DTYPES, DtypeOpt, ModelOpt, ThreadsOpt, load_for_inference, setup_torch
+from leanfm.cli_common import (
+    DTYPES,
+    AdapterOpt,
+    DtypeOpt,
+    ModelOpt,
+    ThreadsOpt,
+    load_for_inference,
+    setup_torch,
+)
 from leanfm.utils.errors import LeanfmError
 
 app = typer.Typer(
@@ -53,13 +61,14 @@ def generate(
     threads: ThreadsOpt = 0,
     dtype: DtypeOpt = "float32",
     seed: SeedOpt = None,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
     from leanfm.engine.llm import LLM
 
     torch_dtype, _ = setup_torch(threads, dtype, seed)
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    loaded = load_for_inference(model, torch_dtype)
+    loaded = load_for_inference(model, torch_dtype, adapter, for_generation=True)
     tok = loaded.tokenizer
     if chat_template:  # the template writes BOS itself where the model wants one
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -98,13 +107,14 @@ def chat(
     threads: ThreadsOpt = 0,
     dtype: DtypeOpt = "float32",
     seed: SeedOpt = None,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Interactive multi-turn chat with the model's chat template. /reset clears, /exit or Ctrl-D quits."""
     from leanfm.engine.chat import ChatSession
 
     torch_dtype, _ = setup_torch(threads, dtype, seed)
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
-    loaded = load_for_inference(model, torch_dtype)
+    loaded = load_for_inference(model, torch_dtype, adapter, for_generation=True)
     session = ChatSession(loaded.model, loaded.tokenizer, params, system=system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -186,8 +196,10 @@ def convert(
 def _register_measure_commands() -> None:
     from leanfm.bench.commands import bench_cmd, eval_cmd, report_cmd
     from leanfm.cli_compress import compress_cmd
+    from leanfm.cli_finetune import finetune_cmd
 
     app.command("compress", help=compress_cmd.__doc__)(compress_cmd)
+    app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd)
 
     app.command("eval", help=eval_cmd.__doc__)(eval_cmd)
     app.command("bench", help=bench_cmd.__doc__)(bench_cmd)

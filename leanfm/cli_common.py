@@ -9,6 +9,7 @@ import typer
 from leanfm.utils.errors import LeanfmError
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="alias, .gguf file or HF directory")]
+AdapterOpt = Annotated[str | None, typer.Option(help="adapter directory (leanfm finetune or PEFT) to apply")]
 ThreadsOpt = Annotated[int, typer.Option(help="CPU threads (0 = torch default)")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16")]
 
@@ -31,8 +32,9 @@ def setup_torch(threads: int, dtype: str, seed: int | None) -> tuple[Any, str]:
     return getattr(torch, DTYPES[dtype]), DTYPES[dtype]
 
 
-def load_for_inference(model: str, dtype: Any) -> Any:
-    """load_model + prepare_for_inference; Ctrl-C while loading exits 130 with one line."""
+def load_for_inference(model: str, dtype: Any, adapter: str | None = None, for_generation: bool = False) -> Any:
+    """load_model (+ the adapter at `adapter`, merged when it can be) + prepare_for_inference; Ctrl-C while
+    loading exits 130 with one line."""
     from leanfm.checkpoint.loader import load_model
     from leanfm.engine.runtime import prepare_for_inference
 
@@ -41,5 +43,9 @@ def load_for_inference(model: str, dtype: Any) -> Any:
     except KeyboardInterrupt:
         typer.echo("interrupted while loading the model", err=True)
         raise typer.Exit(130) from None
+    if adapter is not None:
+        from leanfm.tune.inference import apply_adapter
+
+        apply_adapter(loaded.model, adapter, for_generation=for_generation)
     prepare_for_inference(loaded.model)
     return loaded

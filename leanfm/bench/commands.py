@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from leanfm.cli_common import DtypeOpt, ModelOpt, ThreadsOpt, load_for_inference, setup_torch
+from leanfm.cli_common import AdapterOpt, DtypeOpt, ModelOpt, ThreadsOpt, load_for_inference, setup_torch
 from leanfm.utils.errors import LeanfmError
 
 SeedOpt = Annotated[int, typer.Option(help="random seed (task sampling, few-shot examples)")]
@@ -142,6 +142,7 @@ def eval_cmd(
     threads: ThreadsOpt = 0,
     dtype: DtypeOpt = "float32",
     output: OutOpt = None,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Measure quality (perplexity, tasks) and what it cost; write a run record."""
     from leanfm.bench.record import RunRecord, default_record_path, model_info, provenance, save_record
@@ -152,7 +153,7 @@ def eval_cmd(
     task_names = [n for n, _ in task_list]
     if ppl is None and not task_list:
         ppl = "wiki"
-    loaded = load_for_inference(model, torch_dtype)
+    loaded = load_for_inference(model, torch_dtype, adapter)
     files = find_weights(loaded.path)
     split = "eval" if ppl in getattr(_mod("corpora"), "CORPORA", {}) else None
     dataset = "; ".join(x for x in (ppl, "tasks: " + ",".join(task_names) if task_names else "") if x)
