@@ -36,12 +36,13 @@ VARIANTS: dict[str, list[dict]] = {
     "sparsegpt-2:4": [{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "pack": True}],
     "svd-0.8": [{"method": "svd", "param_ratio": 0.8}],
     "asvd-0.8": [{"method": "asvd", "param_ratio": 0.8}],
+    "svdllm-0.8": [{"method": "asvd", "variant": "whiten", "param_ratio": 0.8}],
     "shortgpt-3": [{"method": "shortgpt", "n_layers": 3}],
     "shortgpt-3+distill": [{"method": "shortgpt", "n_layers": 3},
                            {"method": "distill", "steps": 60, "seq_len": 128, "batch_size": 2, "lr": 1e-4}],
 }
 ORDER = ["int8", "int4-all", "rtn-4", "gptq-4", "awq-4", "magnitude-50", "wanda-50", "sparsegpt-50", "sparsegpt-2:4",
-         "svd-0.8", "asvd-0.8", "wanda-50+int4", "shortgpt-3", "shortgpt-3+distill"]
+         "svd-0.8", "asvd-0.8", "svdllm-0.8", "wanda-50+int4", "shortgpt-3", "shortgpt-3+distill"]
 
 
 def identical_reload(row: dict) -> bool:
@@ -78,8 +79,9 @@ def checks(rows: dict[str, dict], anchors: list[dict]) -> list[tuple[str, bool |
         ppl("sparsegpt-50") <= ppl("wanda-50") < ppl("magnitude-50"),
         f"sparsegpt {ppl('sparsegpt-50'):.3f}, wanda {ppl('wanda-50'):.3f}, magnitude {ppl('magnitude-50'):.3f}")
     add("2:4 runs", ["sparsegpt-2:4"], ppl("sparsegpt-2:4") < float("inf"), f"ppl {ppl('sparsegpt-2:4'):.3f}")
-    add("ASVD beats SVD at equal parameter count", ["asvd-0.8", "svd-0.8"], ppl("asvd-0.8") < ppl("svd-0.8"),
-        f"asvd {ppl('asvd-0.8'):.3f}, svd {ppl('svd-0.8'):.3f}")
+    add("ASVD (and SVD-LLM whitening) beat SVD at equal parameter count", ["asvd-0.8", "svdllm-0.8", "svd-0.8"],
+        max(ppl("asvd-0.8"), ppl("svdllm-0.8")) < ppl("svd-0.8"),
+        f"asvd {ppl('asvd-0.8'):.4g}, svd-llm {ppl('svdllm-0.8'):.4g}, svd {ppl('svd-0.8'):.4g}")
     if "wanda-50+int4" in rows:
         same = rows["wanda-50+int4"].get("reload_identical_fresh_process")
         add("prune then quantize: saves and reloads with identical logits", ["wanda-50+int4"], bool(same),
@@ -147,6 +149,15 @@ def llamacpp_rows(model: str, windows: int, ctx: int) -> list[dict]:
     return llamacpp_quant_rows(model, windows=windows, ctx=ctx)
 
 
+def _ppl(p: float) -> str:
+    return f"{p:.3f}" if p < 1e4 else f"{p:.2e}"
+
+
+def _dppl(p: float, base: float) -> str:
+    d = 100 * (p / base - 1)
+    return f"{d:+.1f}%" if abs(d) < 1e4 else f"{p / base:.1e}x"
+
+
 def write_readme(out: dict) -> None:
     from readme_table import write_table
 
@@ -155,11 +166,11 @@ def write_readme(out: dict) -> None:
     table = []
     for r in rows:
         table.append([r["variant"], f"{r['bits_per_weight']:.2f}", f"{r.get('bpw_layers') or 0:.2f}", f"{r['disk_bytes'] / 2**20:.0f} MiB",
-                      f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%",
+                      _ppl(r["ppl"]), _dppl(r["ppl"], base["ppl"]),
                       f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else "-"])
     for a in out["anchors"]:
         table.append([f"llama.cpp {a['name']}", f"{a['bits_per_weight']:.2f}", f"{a.get('bpw_linear') or 0:.2f}", f"{a['bytes'] / 2**20:.0f} MiB",
-                      f"{a['ppl']:.3f}", f"{100 * (a['ppl'] / base['ppl'] - 1):+.1f}%", "-"])
+                      _ppl(a["ppl"]), _dppl(a["ppl"], base["ppl"]), "-"])
     checks_md = "; ".join(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {c} ({f})"
                           for c, ok, f in out["checks"])
     missing = [v for v in ORDER if v not in {r["variant"] for r in rows}]
