@@ -52,13 +52,16 @@ _ops: dict[torch.dtype, object] | None = None  # weight dtype -> torch op, {} if
 
 
 def reload_settings() -> None:
-    """Re-read LEANFM_KERNELS and LEANFM_KERNELS_MAX_ROWS (they are cached after the first call)."""
+    """Re-read LEANFM_KERNELS, LEANFM_KERNELS_MAX_ROWS and LEANFM_QUANT_ACT (cached after first use)."""
     global _settings
     try:
         rows = int(os.environ.get("LEANFM_KERNELS_MAX_ROWS", DEFAULT_MAX_ROWS))
     except ValueError:
         rows = DEFAULT_MAX_ROWS
     _settings = (os.environ.get("LEANFM_KERNELS", "1") != "0", rows)
+    from leanfm.ops.kernels import quant
+
+    quant.set_activation_mode(None)
 
 
 def kernels_enabled() -> bool:
