@@ -49,45 +49,87 @@ struct TileQ4x {
   static constexpr float kZeroShift = 0.0f;
   template <int MB>
   static inline void idot(const uint8_t* q, const __m256i (&x)[MB], __m256i (&p)[MB]) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b),
-                                           _mm256_set1_epi8(0x0F));  // k 0..15 | k 16..31
+    // the 16 bytes in both lanes; the high lane shifted by 4 bits (per 64-bit word: each byte's
+    // high nibble lands in its low nibble), then & 0x0F: k 0..15 | k 16..31
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    const __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)),
+                                           _mm256_set1_epi8(0x0F));
     for (int i = 0; i < MB; ++i) p[i] = dot_u8s8(codes, x[i]);
   }
 };
 
+// One block of 32 codes for R weight rows x MB x rows. Mode 0: acc += float(p) * (s * xd) (groups of
+// one block); 1: part = float(p) * xd (first block of a group); 2: part += float(p) * xd.
+template <class Tile, int R, int MB, int Mode>
+inline void block32(const uint8_t* q, int64_t rb, const int8_t* xq, const float* xd, const float* s,
+                    int64_t G, __m256 (&acc)[MB][R], __m256 (&part)[MB][R]) {
+  __m256i xv[MB];
+  __m256 dv[MB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * 32));
+    dv[i] = _mm256_broadcast_ss(xd + i);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    __m256i p[MB];
+    Tile::template idot<MB>(q + r * rb, xv, p);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m256 f = _mm256_cvtepi32_ps(p[i]);
+      if constexpr (Mode == 0)
+        acc[i][r] = _mm256_fmadd_ps(f, _mm256_mul_ps(dv[i], _mm256_broadcast_ss(s + r * G)), acc[i][r]);
+      else if constexpr (Mode == 1)
+        part[i][r] = _mm256_mul_ps(f, dv[i]);
+      else
+        part[i][r] = _mm256_fmadd_ps(f, dv[i], part[i][r]);
+    }
+  }
+}
+
 template <class Tile, int R, int MB>
 inline void tile(const QuantArgs& a, int64_t n, int64_t m, const uint8_t* next) {
   constexpr int64_t kB = Tile::kBytes;
-  const int64_t G = a.G, M = a.M, rb = a.K / 32 * kB, nkb = a.K / 32, subs = a.group_size / 32;
+  const int64_t G = a.G, M = a.M, rb = a.K / 32 * kB, subs = a.group_size / 32;
   const uint8_t* q = a.q + n * rb;
   const float* s = a.scales + n * G;
   const float* z = a.zeros + n * G;
   const int8_t* xq = a.xq + m * 32;  // block kb of x row m at a.xq + (kb * M + m) * 32
   const float* xd = a.xd + m;        // its scale at a.xd[kb * M + m]
 
-  __m256 acc[MB][R];
+  __m256 acc[MB][R], part[MB][R];
+#pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-  const float* sg = s;
-  int64_t left = subs;
-  for (int64_t kb = 0; kb < nkb; ++kb, q += kB, xq += 32 * M, xd += M) {
+  int64_t kb = 0;
+  auto prefetch = [&] {
     if (next && (kb * kB) % 64 == 0)
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(next + r * rb + kb * kB), _MM_HINT_T0);
-    __m256i xv[MB];
-    for (int i = 0; i < MB; ++i)
-      xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * 32));
-    for (int r = 0; r < R; ++r) {
-      __m256i p[MB];
-      Tile::template idot<MB>(q + r * rb, xv, p);
-      const float sr = sg[r * G];
-      for (int i = 0; i < MB; ++i)
-        acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[i]), _mm256_set1_ps(sr * xd[i]), acc[i][r]);
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    // sum over the group's blocks of float(idot) * xd, then one fma with the group's scale per row;
+    // with one block per group, straight into acc with the product of the scales
+    if (subs == 1) {
+      prefetch();
+      block32<Tile, R, MB, 0>(q, rb, xq, xd, s + g, G, acc, part);
+      ++kb, q += kB, xq += 32 * M, xd += M;
+      continue;
     }
-    if (--left == 0) {
-      left = subs;
-      ++sg;
+    prefetch();
+    block32<Tile, R, MB, 1>(q, rb, xq, xd, s + g, G, acc, part);
+    ++kb, q += kB, xq += 32 * M, xd += M;
+    for (int64_t sb = 1; sb < subs; ++sb, ++kb, q += kB, xq += 32 * M, xd += M) {
+      prefetch();
+      block32<Tile, R, MB, 2>(q, rb, xq, xd, s + g, G, acc, part);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_broadcast_ss(s + r * G + g);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) acc[i][r] = _mm256_fmadd_ps(part[i][r], sv, acc[i][r]);
     }
   }
 
