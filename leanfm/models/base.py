@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from leanfm.models.blocks import RMSNorm
 from leanfm.models.config import ModelConfig
+from leanfm.models.decode_plan import run_layers
 from leanfm.ops.kernels import fused as fused_ops
 from leanfm.ops.rope import rope_cos_sin, rope_inv_freq
 
@@ -83,9 +84,12 @@ class DecoderForCausalLM(nn.Module):
         h = self.embed(input_ids)
         cos_sin = fused_ops.rope_cos_sin if self.fused else rope_cos_sin
         rope = {key: cos_sin(positions, f, h.dtype) for key, f in self._inv_freq.items()}
-        for layer, key in zip(self.model.layers, self._layer_rope, strict=False):
-            cos, sin = rope[key]
-            h = layer(h, cos, sin, positions, attn_meta)
+        if self.fused:  # decode steps: one kernel call per block where it applies
+            h = run_layers(self.model.layers, self._layer_rope, rope, h, positions, attn_meta)
+        else:
+            for layer, key in zip(self.model.layers, self._layer_rope, strict=False):
+                cos, sin = rope[key]
+                h = layer(h, cos, sin, positions, attn_meta)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from leanfm.models import fusion
 from leanfm.models.base import DecoderForCausalLM
 from leanfm.models.blocks import Attention, GatedMLP, RMSNorm
 from leanfm.models.config import ModelConfig
+from leanfm.models.decode_plan import decode_block
 
 
 class GemmaBlock(nn.Module):
@@ -28,6 +29,10 @@ class GemmaBlock(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(h, eps, offset=True)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, attn_meta=None) -> Tensor:
+        if self.fused:  # a decode step in one kernel call when it applies (leanfm.models.decode_plan)
+            y = decode_block(self, x, cos, sin, attn_meta)
+            if y is not None:
+                return y
         a = self.self_attn(self.input_layernorm(x), cos, sin, positions, attn_meta)
         if self.fused:  # the same sums, each residual add fused with the norms around it
             h, n = fusion.add_norm(x, a, self.post_attention_layernorm, self.pre_feedforward_layernorm)

@@ -8,6 +8,7 @@ from leanfm.models import fusion
 from leanfm.models.base import DecoderForCausalLM
 from leanfm.models.blocks import Attention, GatedMLP, RMSNorm
 from leanfm.models.config import ModelConfig
+from leanfm.models.decode_plan import decode_block
 
 
 class LlamaBlock(nn.Module):
@@ -21,6 +22,10 @@ class LlamaBlock(nn.Module):
         self.mlp = GatedMLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, attn_meta=None) -> Tensor:
+        if self.fused:  # a decode step in one kernel call when it applies (leanfm.models.decode_plan)
+            y = decode_block(self, x, cos, sin, attn_meta)
+            if y is not None:
+                return y
         a = self.self_attn(self.input_layernorm(x), cos, sin, positions, attn_meta)
         if self.fused:  # the residual add fused with the next norm
             h, n = fusion.add_norm(x, a, None, self.post_attention_layernorm)

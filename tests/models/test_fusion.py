@@ -88,11 +88,34 @@ def test_prepared_quantized_model_matches_plain(bits, group, act):
         assert (got - ref).abs().max() > 0 or not kernels.kernels_available()
 
 
+def test_decode_steps_run_one_kernel_per_block(tiny_variant):
+    plain, fast = pair(tiny_variant)
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(5))
+    run(fast, ids, STEPS)
+    if kernels.kernels_available():
+        assert all(layer.__dict__["_decode_plan"].ok for layer in fast.model.layers), tiny_variant
+
+
+def test_decode_plan_follows_module_replacement():
+    plain, fast = pair("qwen3")
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(6))
+    run(fast, ids, STEPS)  # plans built
+    for model in (plain, fast):  # then the MLP of layer 1 and a norm weight change under the plans
+        compress_(model, Step(config_from_dict({"method": "rtn", "bits": 8, "group_size": 32}),
+                              include=("model.layers.1.mlp.*",)), progress=False)
+        model.model.layers[0].input_layernorm.weight = torch.nn.Parameter(
+            model.model.layers[0].input_layernorm.weight.detach() * 1.5, requires_grad=False)
+    with torch.no_grad():
+        ref = plain.compute_logits(plain(ids, torch.arange(T)))
+    torch.testing.assert_close(run(fast, ids, STEPS), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_hooks_disable_fusion_of_the_hooked_modules():
     plain, fast = pair("llama")
     seen = []
     layer = fast.model.layers[0]
-    handles = [layer.self_attn.k_proj.register_forward_pre_hook(lambda m, a: seen.append("k")),
+    handles = [fast.model.layers[1].register_forward_hook(lambda m, a, o: seen.append("block")),
+               layer.self_attn.k_proj.register_forward_pre_hook(lambda m, a: seen.append("k")),
                layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.append("norm")),
                layer.mlp.up_proj.register_forward_hook(lambda m, a, o: seen.append("up"))]
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(3))
@@ -101,7 +124,7 @@ def test_hooks_disable_fusion_of_the_hooked_modules():
     finally:
         for h in handles:
             h.remove()
-    assert seen.count("k") == 3 and seen.count("norm") == 3 and seen.count("up") == 3
+    assert seen.count("k") == 3 and seen.count("norm") == 3 and seen.count("up") == 3 and seen.count("block") == 3
     with torch.no_grad():
         ref = plain.compute_logits(plain(ids, torch.arange(T)))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
