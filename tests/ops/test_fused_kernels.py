@@ -169,3 +169,20 @@ def test_thread_controller_ops(built):
     assert built.thread_stats()[4] == 0
     built.set_adaptive_threads(old)
     assert built.thread_stats()[4] == int(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_decode_attention_long_context_split(built, threads):
+    """Few (sequence, kv head) pairs and many keys: the keys are split across threads (partial softmax
+    per range, merged); the result does not depend on the split."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = gen(threads)
+        q = torch.randn(1, 4, 1, 256, generator=g)
+        k, v = torch.randn(2, 1, 1, 2000, 256, generator=g)
+        k[..., 1500, :] = q[0, 0, 0] * 4  # one dominant key in a late range
+        for cap in (None, 30.0):
+            close(fused.decode_attention(q, k, v, 0.0625, cap), fused.decode_attention_reference(q, k, v, 0.0625, cap))
+    finally:
+        torch.set_num_threads(old)

@@ -20,6 +20,7 @@
 #include <optional>
 #include <vector>
 
+#include "attend.h"
 #include "fused.h"
 #include "kernels.h"
 #include "linear_run.h"
@@ -62,7 +63,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& cos, const at:
   const float softcap = static_cast<float>(floats[2]);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "decode_layer: x must be (B, 1, hidden)");
   const at::Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0), hid = x.size(2), G = H / Hk;
+  const int64_t B = x.size(0), hid = x.size(2);
   TORCH_CHECK(Hk > 0 && H % Hk == 0 && D % 2 == 0 && D <= 1024, "decode_layer: bad head layout");
   TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) == B && kc.size(1) == Hk &&
                   kc.size(3) == D && start >= 0 && start < kc.size(2),
@@ -121,16 +122,8 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& cos, const at:
       std::copy(vs, vs + D, vcp + b * vs0 + hh * vs1 + start * vs2);
     }
   }
-  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, G * L * D));
-  par::for_ranges(B * Hk, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(G * L);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hk, hh = i % Hk;
-      fused::attend_one(qr + (b * H + hh * G) * D, D, G, kcp + b * ks0 + hh * ks1 + first * ks2, ks2,
-                        vcp + b * vs0 + hh * vs1 + first * vs2, vs2, L, D, scale, softcap,
-                        scores.data(), o + (b * H + hh * G) * D, D);
-    }
-  });
+  attend_all({qr, H * D, D, kcp + first * ks2, vcp + first * vs2, ks0, ks1, ks2, vs0, vs1, vs2, o, B, H,
+              Hk, L, D, scale, softcap});
   run_linears(o, B, H * D, refs + 3, 1, &a, -1, nullptr, int8_act);
   for (int64_t b = 0; b < B; ++b)
     fused::add_rms_norm_row(xp + b * hid, a + b * hid, hid, sandwich ? w_post : nullptr, w_pre, offset,

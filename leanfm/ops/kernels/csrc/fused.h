@@ -31,13 +31,18 @@ void gated_act(const float* g, const float* u, int64_t n, int64_t act, float* ou
 // Index of the largest value (the first one on ties; the first NaN if there is a NaN).
 int64_t argmax(const float* x, int64_t n);
 
-// Attention of G query heads sharing one kv head, one query position each:
-//   out[g] = softmax(scale * q[g] . k[j] (soft-capped if softcap > 0), j < L) @ v
-// q: G rows of D at stride q_stride; k, v: L rows of D at strides k_stride, v_stride; out: G x D.
-// scratch: at least G * L floats.
-void attend_one(const float* q, int64_t q_stride, int64_t G, const float* k, int64_t k_stride,
-                const float* v, int64_t v_stride, int64_t L, int64_t D, float scale, float softcap,
-                float* scratch, float* out, int64_t out_stride);
+// Attention of G query heads sharing one kv head, one query position each, over L keys:
+//   scores[g, j] = scale * q[g] . k[j] (soft-capped: tanh(s / softcap) * softcap, if softcap > 0)
+//   mx[g] = max_j scores, sum[g] = sum_j exp(scores - mx), acc[g] (D) = sum_j exp(scores - mx) v[j]
+// q: G rows of D at stride q_stride; k, v: L rows of D at strides k_stride, v_stride; scratch >= G * L.
+// A range of keys gives a partial result; attend_merge combines `parts` of them (at most 64):
+//   out[g] = sum_c e^(mx_c - M) acc_c / sum_c e^(mx_c - M) sum_c,  M = max_c mx_c
+// (partial c's mx, sum at [c * G + g], acc at [(c * G + g) * D]).
+void attend_partial(const float* q, int64_t q_stride, int64_t G, const float* k, int64_t k_stride,
+                    const float* v, int64_t v_stride, int64_t L, int64_t D, float scale, float softcap,
+                    float* scratch, float* mx, float* sum, float* acc);
+void attend_merge(int64_t parts, int64_t G, int64_t D, const float* mx, const float* sum,
+                  const float* acc, float* out, int64_t out_stride);
 
 }  // namespace fused
 }  // namespace leanfm_kernels

@@ -190,9 +190,9 @@ int64_t argmax(const float* x, int64_t n) {
   return at;
 }
 
-void attend_one(const float* q, int64_t q_stride, int64_t G, const float* k, int64_t k_stride,
-                const float* v, int64_t v_stride, int64_t L, int64_t D, float scale, float softcap,
-                float* scratch, float* out, int64_t out_stride) {
+void attend_partial(const float* q, int64_t q_stride, int64_t G, const float* k, int64_t k_stride,
+                    const float* v, int64_t v_stride, int64_t L, int64_t D, float scale, float softcap,
+                    float* scratch, float* mx, float* sum, float* acc) {
   // scores: each key row is read once for all G heads
   for (int64_t j = 0; j < L; ++j) {
     const float* kj = k + j * k_stride;
@@ -204,18 +204,18 @@ void attend_one(const float* q, int64_t q_stride, int64_t G, const float* k, int
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kj + d), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(kj + d + 8), a1);
       }
-      float s = blocking::hsum1(_mm256_add_ps(a0, a1));
-      for (; d < D; ++d) s += qg[d] * kj[d];
-      s *= scale;
-      if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
-      scratch[g * L + j] = s;
+      float sc = blocking::hsum1(_mm256_add_ps(a0, a1));
+      for (; d < D; ++d) sc += qg[d] * kj[d];
+      sc *= scale;
+      if (softcap > 0.0f) sc = std::tanh(sc / softcap) * softcap;
+      scratch[g * L + j] = sc;
     }
   }
-  for (int64_t g = 0; g < G; ++g) {  // softmax in place, then normalised weights
+  for (int64_t g = 0; g < G; ++g) {  // exp(score - max) in place, and their sum
     float* p = scratch + g * L;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < L; ++j) mx = p[j] > mx ? p[j] : mx;
-    const __m256 mv = _mm256_set1_ps(mx);
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < L; ++j) m = p[j] > m ? p[j] : m;
+    const __m256 mv = _mm256_set1_ps(m);
     __m256 sv = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= L; j += 8) {
@@ -223,15 +223,15 @@ void attend_one(const float* q, int64_t q_stride, int64_t G, const float* k, int
       _mm256_storeu_ps(p + j, e);
       sv = _mm256_add_ps(sv, e);
     }
-    float sum = blocking::hsum1(sv);
-    for (; j < L; ++j) sum += (p[j] = exp1(p[j] - mx));
-    const float inv = 1.0f / sum;
-    for (j = 0; j < L; ++j) p[j] *= inv;
+    float total = blocking::hsum1(sv);
+    for (; j < L; ++j) total += (p[j] = exp1(p[j] - m));
+    mx[g] = m;
+    sum[g] = total;
   }
-  // out[g] = sum_j p[g, j] v[j], in chunks of 32 floats of D kept in registers
+  // acc[g] = sum_j p[g, j] v[j], in chunks of 32 floats of D kept in registers
   for (int64_t g = 0; g < G; ++g) {
     const float* p = scratch + g * L;
-    float* og = out + g * out_stride;
+    float* og = acc + g * D;
     int64_t d = 0;
     for (; d + 32 <= D; d += 32) {
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -252,6 +252,24 @@ void attend_one(const float* q, int64_t q_stride, int64_t G, const float* k, int
       float a = 0.0f;
       for (int64_t j = 0; j < L; ++j) a += p[j] * v[j * v_stride + d];
       og[d] = a;
+    }
+  }
+}
+
+void attend_merge(int64_t parts, int64_t G, int64_t D, const float* mx, const float* sum,
+                  const float* acc, float* out, int64_t out_stride) {
+  for (int64_t g = 0; g < G; ++g) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < parts; ++c) m = mx[c * G + g] > m ? mx[c * G + g] : m;
+    float total = 0.0f;
+    float w[64];
+    for (int64_t c = 0; c < parts; ++c) total += sum[c * G + g] * (w[c] = std::exp(mx[c * G + g] - m));
+    const float inv = 1.0f / total;
+    float* og = out + g * out_stride;
+    for (int64_t d = 0; d < D; ++d) {
+      float a = 0.0f;
+      for (int64_t c = 0; c < parts; ++c) a += w[c] * acc[(c * G + g) * D + d];
+      og[d] = a * inv;
     }
   }
 }

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attend.h"
 #include "fused.h"
 #include "kernels.h"
 #include "parallel.h"
@@ -193,22 +194,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hk > 0 && Hq % Hk == 0 &&
                   L > 0,
               "decode_attention: k and v must be (B, Hkv, L, D) with Hq a multiple of Hkv");
-  const int64_t G = Hq / Hk;
   at::Tensor out = at::empty({B, Hq, 1, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, G * L * D));
-  par::for_ranges(B * Hk, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scratch(G * L);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hk, h = i % Hk;
-      fused::attend_one(qp + b * q.stride(0) + h * G * q.stride(1), q.stride(1), G,
-                        kp + b * k.stride(0) + h * k.stride(1), k.stride(2),
-                        vp + b * v.stride(0) + h * v.stride(1), v.stride(2), L, D,
-                        static_cast<float>(scale), static_cast<float>(softcap), scratch.data(),
-                        op + (b * Hq + h * G) * D, D);
-    }
-  });
+  attend_all({q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr<float>(), v.data_ptr<float>(),
+              k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+              out.data_ptr<float>(), B, Hq, Hk, L, D, static_cast<float>(scale),
+              static_cast<float>(softcap)});
   return out;
 }
 
