@@ -142,3 +142,28 @@ def test_no_kernels_prepared_model_is_exact(monkeypatch):
     finally:
         monkeypatch.undo()
         kernels.reload_settings()
+
+
+@pytest.mark.parametrize("act", quant.ACT_MODES)
+def test_decode_plan_matches_module_path_with_quantized_and_bf16_layers(act):
+    """The one-call block against the same prepared model with fusion off (each layer its own kernel)."""
+    model = make_tiny_model("gemma3", seed=7)
+    compress_(model, Step(config_from_dict({"method": "rtn", "bits": 4, "group_size": 32}),
+                          include=("model.layers.0.*", "model.layers.2.mlp.*")), progress=False)
+    compress_(model, Step(config_from_dict({"method": "rtn", "bits": 8, "group_size": -1}),
+                          include=("model.layers.1.*",)), progress=False)
+    prepare_for_inference(model, fast_kernels=True)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # bf16 weights under fp32 activations
+        lin = getattr(model.model.layers[3].self_attn, name)
+        lin.weight.data = lin.weight.data.bfloat16()
+    ids = torch.randint(0, 128, (2, T), generator=torch.Generator().manual_seed(8))
+    old = quant.set_activation_mode(act)
+    try:
+        got = run(model, ids, STEPS)
+        if kernels.kernels_available():
+            assert all(layer.__dict__["_decode_plan"].ok for layer in model.model.layers)
+        use_fused(model, False)
+        ref = run(model, ids, STEPS)
+    finally:
+        quant.set_activation_mode(old)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
