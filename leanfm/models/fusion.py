@@ -52,7 +52,8 @@ def _group_call(x: Tensor, mods: tuple[nn.Module, ...], epilogue: int) -> list[T
     k = x.shape[-1]
     if k == 0 or x.numel() // k > _kernels.max_rows() or not _hookless(*mods):
         return None
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            isinstance(getattr(m, "bias", None), Tensor) and m.bias.requires_grad for m in mods)):
         return None
     kind = type(mods[0])
     if any(type(m) is not kind for m in mods):
