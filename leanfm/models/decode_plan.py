@@ -132,7 +132,7 @@ def _step_ok(x: Tensor, attn_meta) -> bool:
     """The per-step conditions (everything but the block's own plan)."""
     settings = _kernels._settings
     if settings is None:
-        _kernels.reload_settings()
+        _kernels.kernels_enabled()  # loads them
         settings = _kernels._settings
     if (type(attn_meta) is not KVCacheMeta or not settings[0] or x.dim() != 3 or x.shape[1] != 1
             or x.dtype != _FP32 or not x.is_cpu or x.shape[0] > settings[1]):

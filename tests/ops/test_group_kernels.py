@@ -148,3 +148,14 @@ def test_group_ops_reject_bad_arguments(built):
         built.linear_group(x, [torch.randn(4, 32), torch.randn(4, 32).bfloat16()], [None, None], -1)
     with pytest.raises(RuntimeError, match="one bias"):
         built.linear_group(x, [torch.randn(4, 32)], [], -1)
+
+
+def test_activation_mode_set_before_first_use_sticks():
+    """Regression: the lazy first read of the kernel settings reset a mode set explicitly before it."""
+    import subprocess
+    import sys
+
+    code = ("from leanfm.ops.kernels import quant; from leanfm.ops import kernels; quant.set_activation_mode('int8'); "
+            "kernels.kernels_enabled(); kernels.max_rows(); print(quant.activation_mode())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "int8"
