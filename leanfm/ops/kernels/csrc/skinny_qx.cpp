@@ -12,6 +12,11 @@
 //     sign(w) * xq (s8), pair sums <= 2 * 128 * 127 < 32767. The zero term uses z' = z - 128.
 // The integer part is exact; the result equals the fp32 product of W with x' = xq * xd up to fp32
 // rounding of the per-block sums.
+//
+// At M = 1 the 8-bit kernel walks one weight row at a time (a single sequential stream), the 4-bit
+// one 4 rows at a time. Measured streaming from DRAM, one thread, CPU time, interleaved (Zen 3, busy
+// machine): q8 per channel 7.1 GB/s with 4 rows vs 12.9 with 1 (K = 640; 10.6 vs 12.0 at K = 2048);
+// q4 g32 / g128 8.9 / 11.1 GB/s with 4 rows vs 6.6 / 8.9 with 1. In L2 the 4-row tile is faster.
 #include <immintrin.h>
 
 #include <cmath>
@@ -34,6 +39,7 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 
 struct TileQ8x {
   static constexpr int64_t kBytes = 32;
+  static constexpr int kRowsM1 = 1;  // weight rows per tile at M = 1 (see run)
   static constexpr float kZeroShift = 128.0f;
   template <int MB>
   static inline void idot(const uint8_t* q, const __m256i (&x)[MB], __m256i (&p)[MB]) {
@@ -46,6 +52,7 @@ struct TileQ8x {
 
 struct TileQ4x {
   static constexpr int64_t kBytes = 16;
+  static constexpr int kRowsM1 = 4;
   static constexpr float kZeroShift = 0.0f;
   template <int MB>
   static inline void idot(const uint8_t* q, const __m256i (&x)[MB], __m256i (&p)[MB]) {
@@ -175,8 +182,9 @@ inline void run(const QuantArgs& a, int64_t n0, int64_t n1) {
       for (int h = 0; h < B; h += 2) tile<Tile, 2, 4>(a, n + h, m, next ? next + h * rb : nullptr);
     for (; m + 2 <= M; m += 2, next = nullptr)
       for (int h = 0; h < B; h += 4) tile<Tile, 4, 2>(a, n + h, m, next ? next + h * rb : nullptr);
-    if (m < M)
-      for (int h = 0; h < B; h += 4) tile<Tile, 4, 1>(a, n + h, m, next ? next + h * rb : nullptr);
+    if (m < M)  // one x row: kRowsM1 weight rows at a time
+      for (int h = 0; h < B; h += Tile::kRowsM1)
+        tile<Tile, Tile::kRowsM1, 1>(a, n + h, m, next ? next + h * rb : nullptr);
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) tile<Tile, 1, 1>(a, n, m, nullptr);
