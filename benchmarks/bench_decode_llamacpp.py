@@ -145,15 +145,17 @@ def build(args, lm):
                 source_gguf(lm)), qtype="F32")
         files["F32"] = f32
     n_ctx = args.prompt + args.tokens + 8
-    engines = []
+    engines, llamas = [], {}
     for p in pairs:
         if p == "fp32":
             model = lm.model
         else:
             model = copy.deepcopy(lm.model)
             compress_(model, Recipe.from_dict(RECIPES[p]), progress=False)
-        engines.append((Leanfm(f"leanfm {p}", model, lm.tokenizer),
-                        LlamaCpp(f"llama.cpp {LLAMA_TYPE[p]}", files[LLAMA_TYPE[p]], args.threads, n_ctx)))
+        t = LLAMA_TYPE[p]
+        if t not in llamas:  # one llama.cpp context per file, shared by the pairs that use it
+            llamas[t] = LlamaCpp(f"llama.cpp {t}", files[t], args.threads, n_ctx)
+        engines.append((Leanfm(f"leanfm {p}", model, lm.tokenizer), llamas[t]))
     return engines
 
 
@@ -180,7 +182,7 @@ def main() -> None:
     lm = load_model(args.model, progress=False)
     ids = lm.tokenizer.encode(load_corpus("wiki", split="eval")[:20000])[: args.prompt]
     engines = build(args, lm)
-    flat = [e for pair in engines for e in pair]
+    flat = list({id(e): e for pair in engines for e in pair}.values())
     if not args.no_transformers:
         flat.append(Transformers(lm.path, engines[0][0].bytes if engines[0][0].name == "leanfm fp32"
                                  else linear_bytes(lm.model)))
@@ -196,7 +198,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     load1 = os.getloadavg()[0]
     print(f"{args.model}, {args.threads} threads, batch 1, greedy, {args.tokens} new tokens after {args.prompt} "
-          f"prompt tokens; median of {args.rounds} interleaved rounds; leanfm quantized kernels: x "
+          f"prompt tokens; median of {args.rounds} interleaved rounds; leanfm quantized kernels: activations "
           f"{quant.activation_mode()}; 1-min load average {load0:.2f} before, {load1:.2f} after")
     print(f"{'engine':22}{'tok/s':>8}{'MB/token':>10}{'GB/s':>7}   runs")
     for e in flat:
