@@ -14,7 +14,9 @@ model (18 layers x q,k,v,o,gate,up,down + the LM head) and gives the linear-laye
 
 The q8 / q4 sections time the weight-only quantized kernels (leanfm.ops.kernels.quant.linear_quant,
 codes + fp32 scales and zeros per --group-size weights; their bytes count towards GB/s) against the
-leanfm fp32 kernel and torch's F.linear on the same shape in fp32, interleaved the same way.
+leanfm fp32 kernel and torch's F.linear on the same shape in fp32, interleaved the same way; the
+quantized kernel in both activation modes: "x32" (x in fp32, codes converted to floats) and "x8" (x
+quantized to int8 per block of 32, integer dot products). --group-size -1 is per channel (group = K).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from leanfm.ops import kernels
-from leanfm.ops.kernels.quant import linear_quant, pack_codes
+from leanfm.ops.kernels.quant import linear_quant, pack_codes, set_activation_mode
 
 # name, out_features, in_features, uses per token (Gemma 3 270M: 18 layers, tied 262144-token head)
 SHAPES = [
@@ -119,21 +121,29 @@ def bench_shape(n, k, dtype, rows, rounds, pool_mb, idle_wait, stat):
 
 
 def bench_quant_shape(n, k, bits, group_size, rows, rounds, pool_mb, idle_wait, stat):
-    """torch F.linear (fp32), the leanfm fp32 kernel and the leanfm quantized kernel."""
+    """torch F.linear (fp32), the leanfm fp32 kernel and the leanfm quantized kernel (x32 and x8)."""
+    group_size = k if group_size == -1 else group_size
     pool = make_pool(n, k, torch.float32, pool_mb)
     qpool = make_quant_pool(n, k, bits, group_size, pool_mb)
     x = torch.randn(rows, k)
     qbytes = n * k * bits // 8 + 8 * n * (k // group_size)
 
-    def quant(x, w):
-        return linear_quant(x, *w, bits, group_size)
+    def quant(act):
+        def fn(x, w):
+            set_activation_mode(act)
+            return linear_quant(x, *w, bits, group_size)
+        return fn
 
     impls = {
         "torch": (F.linear, pool, n * k * 4),
         "fp32": (kernels.linear, pool, n * k * 4),
-        "quant": (quant, qpool, qbytes),
+        "x32": (quant("fp32"), qpool, qbytes),
+        "x8": (quant("int8"), qpool, qbytes),
     }
-    return run_impls(impls, x, rounds, idle_wait, stat), qbytes
+    try:
+        return run_impls(impls, x, rounds, idle_wait, stat), qbytes
+    finally:
+        set_activation_mode(None)
 
 
 def main() -> None:
@@ -193,25 +203,27 @@ def bench_quant(qname: str, bits: int, args, wanted: set[str]) -> None:
     print(f"\n{qname}: {bits}-bit codes, fp32 scales and zeros per {args.group_size} weights; "
           "torch and fp32 time the same shape with an fp32 weight")
     print(f"{qname}: {'shape':>10} {'(out, in)':>14} | {'torch ms':>9} | {'fp32 ms':>9} {'GB/s':>6} | "
-          f"{qname + ' ms':>9} {'GB/s':>6} | vs fp32, vs torch")
-    tok = {"torch": 0.0, "fp32": 0.0, "quant": 0.0}
+          f"{'x32 ms':>9} {'GB/s':>6} | {'x8 ms':>9} {'GB/s':>6} | x8 vs x32, fp32, torch")
+    tok = {"torch": 0.0, "fp32": 0.0, "x32": 0.0, "x8": 0.0}
     nbytes = 0
     for name, n, k, uses in SHAPES:
         if wanted and name not in wanted:
             continue
         r, qbytes = bench_quant_shape(n, k, bits, args.group_size, args.rows, args.rounds, args.pool_mb,
                                       args.wait_idle, args.stat)
-        (tt, _), (ft, fg), (qt, qg) = r["torch"], r["fp32"], r["quant"]
+        (tt, _), (ft, fg), (qt, qg), (q8, q8g) = r["torch"], r["fp32"], r["x32"], r["x8"]
         print(f"{qname}: {name:>10} {f'({n}, {k})':>14} | {tt * 1e3:9.3f} | {ft * 1e3:9.3f} {fg:6.1f} | "
-              f"{qt * 1e3:9.3f} {qg:6.1f} | {ft / qt:5.2f}x {tt / qt:5.2f}x")
-        for key, t in (("torch", tt), ("fp32", ft), ("quant", qt)):
+              f"{qt * 1e3:9.3f} {qg:6.1f} | {q8 * 1e3:9.3f} {q8g:6.1f} | {qt / q8:5.2f}x {ft / q8:5.2f}x "
+              f"{tt / q8:5.2f}x")
+        for key, t in (("torch", tt), ("fp32", ft), ("x32", qt), ("x8", q8)):
             tok[key] += t * uses
         nbytes += qbytes * uses
     if not wanted:
-        tt, ft, qt = tok["torch"], tok["fp32"], tok["quant"]
+        tt, ft, qt, q8 = tok["torch"], tok["fp32"], tok["x32"], tok["x8"]
         print(f"{qname}: {'per token':>10} {f'{nbytes / 1e6:.0f} MB':>14} | {tt * 1e3:9.2f} | {ft * 1e3:9.2f} "
-              f"{'':>6} | {qt * 1e3:9.2f} {nbytes / qt / 1e9:6.1f} | {ft / qt:5.2f}x {tt / qt:5.2f}x"
-              f"   (linears only: {1 / qt:.1f} tok/s)")
+              f"{'':>6} | {qt * 1e3:9.2f} {nbytes / qt / 1e9:6.1f} | {q8 * 1e3:9.2f} {nbytes / q8 / 1e9:6.1f} | "
+              f"{qt / q8:5.2f}x {ft / q8:5.2f}x {tt / q8:5.2f}x   (linears only: x32 {1 / qt:.1f}, "
+              f"x8 {1 / q8:.1f} tok/s)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from leanfm.models.blocks import RMSNorm
 from leanfm.models.config import ModelConfig
+from leanfm.models.decode_plan import run_layers
+from leanfm.ops.kernels import fused as fused_ops
 from leanfm.ops.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -32,6 +34,7 @@ class Backbone(nn.Module):
 
 class DecoderForCausalLM(nn.Module):
     block_cls: type[nn.Module]
+    fused = False  # leanfm.models.fusion.use_fused
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -41,6 +44,7 @@ class DecoderForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.embed_scale = config.hidden_size**0.5 if config.is_gemma else None
+        self._embed_scale_t: dict[torch.dtype, Tensor] = {}
         # one inverse-frequency table per distinct (RoPE base, scaled) pair. Gemma 3 scales only its
         # global layers; the local (sliding) base is never scaled. Built on the CPU explicitly: under
         # `torch.device("meta")` (how loaders build models) a meta table could never be computed.
@@ -67,7 +71,10 @@ class DecoderForCausalLM(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         h = self.model.embed_tokens(input_ids)
         if self.embed_scale is not None:
-            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+            scale = self._embed_scale_t.get(h.dtype)
+            if scale is None:  # a 0-d tensor per dtype: the product rounds like HF's (scale cast first)
+                scale = self._embed_scale_t[h.dtype] = torch.tensor(self.embed_scale, dtype=h.dtype)
+            h = h * scale
         return h
 
     def forward(self, input_ids: Tensor, positions: Tensor, attn_meta: object | None = None) -> Tensor:
@@ -75,10 +82,14 @@ class DecoderForCausalLM(nn.Module):
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
         h = self.embed(input_ids)
-        rope = {key: rope_cos_sin(positions, f, h.dtype) for key, f in self._inv_freq.items()}
-        for layer, key in zip(self.model.layers, self._layer_rope, strict=False):
-            cos, sin = rope[key]
-            h = layer(h, cos, sin, positions, attn_meta)
+        cos_sin = fused_ops.rope_cos_sin if self.fused else rope_cos_sin
+        rope = {key: cos_sin(positions, f, h.dtype) for key, f in self._inv_freq.items()}
+        if self.fused:  # decode steps: one kernel call per block where it applies
+            h = run_layers(self.model.layers, self._layer_rope, rope, h, positions, attn_meta)
+        else:
+            for layer, key in zip(self.model.layers, self._layer_rope, strict=False):
+                cos, sin = rope[key]
+                h = layer(h, cos, sin, positions, attn_meta)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

@@ -59,10 +59,11 @@ class KVCacheMeta:
         if end > self.cache.max_len:
             raise ValueError(f"KV cache holds {self.cache.max_len} positions; step needs {end}")
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc[:, :, self.start : end] = k
-        vc[:, :, self.start : end] = v
+        t = k.shape[2]
+        kc.narrow(2, self.start, t).copy_(k)  # = kc[:, :, start:end] = k, in 2 ops instead of ~5
+        vc.narrow(2, self.start, t).copy_(v)
         first = 0
         if window is not None:
             # keys older than the window of the step's first query are never visible
             first = max(0, self.start - window + 1)
-        return kc[:, :, first:end], vc[:, :, first:end], first
+        return kc.narrow(2, first, end - first), vc.narrow(2, first, end - first), first

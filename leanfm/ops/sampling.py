@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from leanfm.ops.kernels.fused import argmax
+
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """CTRL-style penalty: divide positive, multiply negative logits of tokens already seen.
@@ -60,7 +62,7 @@ def sample(
 ) -> Tensor:
     """Next token ids (B,) from logits (B, V). temperature == 0 is greedy."""
     if temperature == 0.0:
-        return logits.argmax(dim=-1)
+        return argmax(logits)  # logits.argmax(-1); a C++ kernel for float32 on the CPU
     logits = logits.float() / temperature
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)

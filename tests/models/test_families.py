@@ -16,6 +16,7 @@ import torch
 from conftest import HF_CONFIGS, make_hf_model, make_tiny_config
 
 from leanfm.checkpoint.hf import load_model_from_hf_dir, save_hf_dir
+from leanfm.engine.runtime import prepare_for_inference
 from leanfm.models import ContiguousKVCache, KVCacheMeta, build_model
 
 transformers = pytest.importorskip("transformers")
@@ -76,6 +77,18 @@ def test_incremental_decoding_matches_full_forward(case):
         pos += n
     assert pos == T
     assert max_diff(torch.cat(out, dim=1), full) <= 1e-4, case.variant
+
+
+def test_prepared_model_matches_transformers(case):
+    """prepare_for_inference (C++ kernels, fused decode paths): full forward and decoding, same 1e-4."""
+    model = prepare_for_inference(load_model_from_hf_dir(case.path))
+    assert max_diff(logits(model, case.ids), case.ref) <= 1e-4, case.variant
+    cache = ContiguousKVCache(model.config, batch=B, max_len=T, dtype=torch.float32)
+    steps, pos, out = [6] + [1] * (T - 6), 0, []
+    for n in steps:
+        out.append(logits(model, case.ids[:, pos:pos + n], pos, KVCacheMeta(cache, pos)))
+        pos += n
+    assert max_diff(torch.cat(out, dim=1), case.ref) <= 1e-4, case.variant
 
 
 def test_bf16_runs_and_is_close_to_fp32(case):

@@ -51,8 +51,7 @@ _settings: tuple[bool, int] | None = None
 _ops: dict[torch.dtype, object] | None = None  # weight dtype -> torch op, {} if the build failed
 
 
-def reload_settings() -> None:
-    """Re-read LEANFM_KERNELS and LEANFM_KERNELS_MAX_ROWS (they are cached after the first call)."""
+def _load_settings() -> None:
     global _settings
     try:
         rows = int(os.environ.get("LEANFM_KERNELS_MAX_ROWS", DEFAULT_MAX_ROWS))
@@ -61,17 +60,26 @@ def reload_settings() -> None:
     _settings = (os.environ.get("LEANFM_KERNELS", "1") != "0", rows)
 
 
+def reload_settings() -> None:
+    """Re-read LEANFM_KERNELS, LEANFM_KERNELS_MAX_ROWS and LEANFM_QUANT_ACT (cached after first use;
+    LEANFM_QUANT_ACT replaces a mode set by quant.set_activation_mode)."""
+    _load_settings()
+    from leanfm.ops.kernels import quant
+
+    quant.set_activation_mode(None)
+
+
 def kernels_enabled() -> bool:
     """False when the environment variable LEANFM_KERNELS is "0"."""
     if _settings is None:
-        reload_settings()
+        _load_settings()
     return _settings[0]
 
 
 def max_rows() -> int:
     """Largest number of x rows sent to the kernels (LEANFM_KERNELS_MAX_ROWS, default 8)."""
     if _settings is None:
-        reload_settings()
+        _load_settings()
     return _settings[1]
 
 

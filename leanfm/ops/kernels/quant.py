@@ -27,9 +27,19 @@ bf16 x uses W rounded to bf16 (the GEMM runs in bf16, like an unquantized bf16 m
 
 `linear_quant_reference` is the meaning the kernel is tested against: dequantize to fp32,
 F.linear in fp32, cast to x's dtype.
+
+Activation mode of the kernel (LEANFM_QUANT_ACT, or set_activation_mode; the fallback path is
+always fp32):
+  * "fp32": x as is; codes are converted to floats and multiplied in fp32 (compute-bound, ~15 GB/s).
+  * "int8": x quantized once per call to int8 per block of 32 values (llama.cpp's Q8_0 for
+    activations: scale = max|x| / 127, codes round(x / scale)), then integer dot products with the
+    weight codes and one float fma per 32 codes. Its meaning: linear_quant_reference(...,
+    act="int8"), i.e. the fp32 product of W with quantize_activations_q8(x).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +48,50 @@ from torch import Tensor
 from leanfm.ops import kernels as _kernels
 from leanfm.ops.kernels import _build
 
-__all__ = ["dequantize", "linear_quant", "linear_quant_reference", "pack_codes", "unpack_codes"]
+__all__ = ["ACT_MODES", "activation_mode", "dequantize", "linear_quant", "linear_quant_reference", "pack_codes",
+           "quantize_activations_q8", "set_activation_mode", "unpack_codes"]
+
+
+ACT_MODES = ("fp32", "int8")  # index = the kernels' `act` code
+DEFAULT_ACT = "fp32"
 
 _FP32, _BF16, _U8 = torch.float32, torch.bfloat16, torch.uint8
 _CHUNK_WEIGHTS = 1 << 22  # dequantize at most this many weights at a time (16 MB of fp32)
 _qops: dict[int, object] | None = None  # bits -> torch op, {} if the library is unavailable
+_act: int | None = None  # the activation mode's code, read from LEANFM_QUANT_ACT on first use
+
+
+def activation_code() -> int:
+    """0 ("fp32") or 1 ("int8"): the activation mode of the decode kernels (see the module doc)."""
+    global _act
+    if _act is None:
+        mode = os.environ.get("LEANFM_QUANT_ACT", DEFAULT_ACT)
+        _act = ACT_MODES.index(mode) if mode in ACT_MODES else ACT_MODES.index(DEFAULT_ACT)
+    return _act
+
+
+def activation_mode() -> str:
+    return ACT_MODES[activation_code()]
+
+
+def set_activation_mode(mode: str | None) -> str:
+    """Set the activation mode ("fp32" or "int8"; None re-reads LEANFM_QUANT_ACT). Returns the old one."""
+    global _act
+    old = activation_mode()
+    if mode is not None and mode not in ACT_MODES:
+        raise ValueError(f"activation mode must be one of {ACT_MODES}, got {mode!r}")
+    _act = None if mode is None else ACT_MODES.index(mode)
+    return old
+
+
+def quantize_activations_q8(x: Tensor) -> Tensor:
+    """x with every block of 32 values along the last dimension rounded to int8 codes times a scale
+    (max|block| / 127), in fp32: what the "int8" kernels multiply W with. Last dimension % 32 == 0."""
+    xf = x.float()
+    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // 32, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(b * inv).clamp(-127, 127) * d).reshape(xf.shape)
 
 
 def pack_codes(q: Tensor, bits: int) -> Tensor:
@@ -100,11 +149,14 @@ def linear_quant_reference(
     bits: int,
     group_size: int,
     bias: Tensor | None = None,
+    act: str = "fp32",
 ) -> Tensor:
-    """The meaning of linear_quant: F.linear in fp32 with the dequantized W, cast to x's dtype."""
+    """The meaning of linear_quant: F.linear in fp32 with the dequantized W (and x quantized per block
+    of 32 when act="int8"), cast to x's dtype."""
     w = dequantize(qweight, scales, zeros, bits, group_size)
     b = None if bias is None else bias.to(_FP32)
-    return F.linear(x.to(_FP32), w, b).to(x.dtype)
+    xf = quantize_activations_q8(x) if act == "int8" else x.to(_FP32)
+    return F.linear(xf, w, b).to(x.dtype)
 
 
 def _dequant_linear(x, qweight, scales, zeros, bits, group_size, bias):
@@ -179,5 +231,5 @@ def linear_quant(
     if _kernels.kernels_enabled():
         op = _kernel_for(x, qweight, scales, zeros, bits, group_size, bias)
         if op is not None:
-            return op(x, qweight, scales, zeros, group_size, bias)
+            return op(x, qweight, scales, zeros, group_size, bias, _act if _act is not None else activation_code())
     return _dequant_linear(x, qweight, scales, zeros, bits, group_size, bias)

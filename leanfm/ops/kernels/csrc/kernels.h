@@ -45,11 +45,24 @@ struct QuantArgs {
   const float* bias;    // (N,) or nullptr
   float* y;             // (M, N)
   int64_t N;
+  // int8 activations (skinny_q8x / skinny_q4x; x and xsum above unused except xsum):
+  const int8_t* xq = nullptr;  // x quantized per block of 32, blocked like x: (kb * M + m) * 32 + j
+  const float* xd = nullptr;   // the block scales, xd[kb * M + m]: x ~= xq * xd
 };
 // x (M, K) fp32 row-major -> xb (M * K) in the blocked order above and xsum (M, G).
 void quant_prepare_x(const float* x, int64_t M, int64_t K, int64_t group_size, float* xb,
                      float* xsum);
 void skinny_q8(const QuantArgs& a, int64_t n0, int64_t n1);
 void skinny_q4(const QuantArgs& a, int64_t n0, int64_t n1);
+
+// The same products with x quantized to int8 per block of 32 (llama.cpp's Q8_0 for activations):
+//   xd[b] = max|x[32b : 32b + 32]| / 127,  xq = round(x / xd) in [-127, 127] (x * (1 / xd), ties to
+//   even), xsum[m, g] = sum over the group's blocks of xd * sum(xq); then integer dot products of
+//   codes and xq (vpmaddubsw / vpmaddwd), one float fma per 32 codes. The result is the fp32
+//   product of W with x' = xq * xd (tested against that); see skinny_qx.cpp.
+void quant_prepare_xq(const float* x, int64_t M, int64_t K, int64_t group_size, int8_t* xq,
+                      float* xd, float* xsum);
+void skinny_q8x(const QuantArgs& a, int64_t n0, int64_t n1);
+void skinny_q4x(const QuantArgs& a, int64_t n0, int64_t n1);
 
 }  // namespace leanfm_kernels

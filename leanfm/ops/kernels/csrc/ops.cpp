@@ -3,15 +3,17 @@
 //   torch.ops.leanfm_kernels.linear_fp32(x, w, bias=None)  x fp32 (..., K), w fp32 (N, K)
 //   torch.ops.leanfm_kernels.linear_bf16(x, w, bias=None)  x fp32 or bf16, w bf16; fp32 accumulate;
 //                                                          output dtype = x dtype
-//   torch.ops.leanfm_kernels.linear_q8(x, qweight, scales, zeros, group_size, bias=None)
-//   torch.ops.leanfm_kernels.linear_q4(x, qweight, scales, zeros, group_size, bias=None)
+//   torch.ops.leanfm_kernels.linear_q8(x, qweight, scales, zeros, group_size, bias=None, act=0)
+//   torch.ops.leanfm_kernels.linear_q4(x, qweight, scales, zeros, group_size, bias=None, act=0)
 //       weight-only quantized W (format: leanfm/ops/kernels/quant.py): qweight uint8 (N, K) or
 //       (N, K / 2), scales and zeros fp32 (N, K / group_size); K and group_size multiples of 32;
-//       x fp32 or bf16; fp32 accumulation; output dtype = x dtype
+//       x fp32 or bf16; fp32 accumulation; output dtype = x dtype. act=0: x as fp32 (skinny_q8 /
+//       skinny_q4); act=1: x quantized to int8 per block of 32, integer dot products (skinny_qx.cpp)
 //   torch.ops.leanfm_kernels.cpu_supported()               AVX2 + FMA present
 //
-// Threads: at::parallel_for (torch's intra-op pool, so torch.set_num_threads applies) over blocks
-// of kRowBlock output columns; each thread gets one contiguous range of weight rows.
+// Threads: par::for_ranges (parallel.h: torch's intra-op pool, so torch.set_num_threads applies, with
+// an adaptive retreat to one thread under contention) over blocks of kRowBlock output columns; each
+// thread gets one contiguous range of weight rows.
 // Meta implementations make the operators traceable by torch.compile.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +24,8 @@
 #include <vector>
 
 #include "kernels.h"
+#include "parallel.h"
+#include "qx.h"
 
 namespace leanfm_kernels {
 
@@ -69,13 +73,13 @@ int64_t leading_rows(const at::Tensor& x) {
   return m;
 }
 
-// Runs fn(n0, n1) over [0, N) in contiguous, kRowBlock-aligned ranges, one per thread.
+// Runs fn(n0, n1) over [0, N) in contiguous, kRowBlock-aligned ranges, one per thread (parallel.h).
 template <typename Fn>
 void split_columns(int64_t N, int64_t K, int64_t elem_bytes, const Fn& fn) {
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t block_bytes = std::max<int64_t>(1, kRowBlock * K * elem_bytes);
   const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / block_bytes);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+  par::for_ranges(blocks, grain, [&](int64_t b0, int64_t b1) {
     fn(b0 * kRowBlock, std::min(N, b1 * kRowBlock));
   });
 }
@@ -172,11 +176,12 @@ void check_quant_args(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
 template <int bits>
 at::Tensor linear_quant(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& scales_in,
                         const at::Tensor& zeros_in, int64_t group_size,
-                        const std::optional<at::Tensor>& bias_in) {
+                        const std::optional<at::Tensor>& bias_in, int64_t act) {
   check_quant_args(x_in, qw, scales_in, zeros_in, group_size, bias_in, bits);
   check_cpu(x_in, qw, bias_in);
   TORCH_CHECK(scales_in.device().is_cpu() && zeros_in.device().is_cpu(),
               "leanfm linear: CPU tensors only");
+  TORCH_CHECK(act == 0 || act == 1, "leanfm linear_q", bits, ": act must be 0 (fp32) or 1 (int8)");
   const bool x16 = x_in.scalar_type() == at::kBFloat16;
   const at::Tensor x = x_in.to(at::kFloat).contiguous();  // no copy for contiguous fp32
   const at::Tensor scales = scales_in.contiguous(), zeros = zeros_in.contiguous();
@@ -186,20 +191,19 @@ at::Tensor linear_quant(const at::Tensor& x_in, const at::Tensor& qw, const at::
   at::Tensor y = at::empty(out_shape(x_in, N), x_in.options());  // dtype of x
   if (M == 0 || N == 0) return y;
 
-  std::vector<float> xb(M * K + M * G);  // x blocked for the kernel, then its group sums
-  float* xsum = xb.data() + M * K;
-  quant_prepare_x(x.data_ptr<float>(), M, K, group_size, xb.data(), xsum);
+  const PreparedX px = prepare_x(x.data_ptr<float>(), M, K, group_size, act == 1);
   at::Tensor y32 = x16 ? at::empty({M, N}, x.options()) : y;
-  QuantArgs a{xb.data(), xsum, M, K, G, group_size, qw.data_ptr<uint8_t>(),
-              scales.data_ptr<float>(), zeros.data_ptr<float>(),
-              bias ? bias->data_ptr<float>() : nullptr, y32.data_ptr<float>(), N};
+  QuantArgs a = px.args(M, K, G, group_size);
+  a.q = qw.data_ptr<uint8_t>();
+  a.scales = scales.data_ptr<float>();
+  a.zeros = zeros.data_ptr<float>();
+  a.bias = bias ? bias->data_ptr<float>() : nullptr;
+  a.y = y32.data_ptr<float>();
+  a.N = N;
   float* yp = a.y;
   at::BFloat16* y16 = x16 ? y.data_ptr<at::BFloat16>() : nullptr;
   split_columns(N, qw.size(1) + 8 * G, 1, [&](int64_t n0, int64_t n1) {
-    if constexpr (bits == 8)
-      skinny_q8(a, n0, n1);
-    else
-      skinny_q4(a, n0, n1);
+    run_quant(a, bits, act == 1, n0, n1);
     if (y16)
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) y16[m * N + n] = at::BFloat16(yp[m * N + n]);
@@ -210,7 +214,7 @@ at::Tensor linear_quant(const at::Tensor& x_in, const at::Tensor& qw, const at::
 template <int bits>
 at::Tensor linear_quant_meta(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
                              const at::Tensor& zeros, int64_t group_size,
-                             const std::optional<at::Tensor>& bias) {
+                             const std::optional<at::Tensor>& bias, int64_t act) {
   check_quant_args(x, qw, scales, zeros, group_size, bias, bits);
   return at::empty(out_shape(x, qw.size(0)), x.options());
 }
@@ -222,9 +226,9 @@ TORCH_LIBRARY(leanfm_kernels, m) {
   m.def("linear_fp32(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_q8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
-        "Tensor? bias=None) -> Tensor");
+        "Tensor? bias=None, int act=0) -> Tensor");
   m.def("linear_q4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
-        "Tensor? bias=None) -> Tensor");
+        "Tensor? bias=None, int act=0) -> Tensor");
   m.def("cpu_supported() -> bool", &leanfm_kernels::cpu_supported);
 }
 

@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "kernels.h"
+#include "parallel.h"
 #include "sparse_nm.h"
 
 namespace leanfm_kernels {
@@ -62,7 +63,7 @@ at::Tensor linear_sparse24(const at::Tensor& x_in, const at::Tensor& values, con
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = K / 2 * values.element_size() + K / 8;
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, row_bytes));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  par::for_ranges(N, grain, [&](int64_t n0, int64_t n1) {
     if (v16)
       sparse24_bf16(xp, M, K, reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()), ip, bp, yp, N,
                     n0, n1);
