@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from leanfm.cli_common import (
@@ -212,6 +213,12 @@ def _register_measure_commands() -> None:
 _register_measure_commands()
 
 
+# typer before 0.21 raises click's exceptions for usage errors; later typers raise their own
+_USAGE_ERRORS = tuple(
+    cls for cls in (getattr(typer, "TyperException", None), click.ClickException) if cls is not None
+)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -223,7 +230,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         _fail("aborted", 130)
-    except typer.TyperException as e:  # usage errors: bad option values, unknown commands
+    except _USAGE_ERRORS as e:  # usage errors: bad option values, unknown commands
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         _fail(f"{message} (see leanfm --help)", getattr(e, "exit_code", 2))
     except Exception as e:
