@@ -1,7 +1,8 @@
 """Pure sampling functions over a batch of logits (B, V). No state, no I/O.
 
 Order of the logit transforms follows Hugging Face's generate: repetition penalty, temperature,
-top-k, top-p, min-p; then a draw from the softmax (or argmax when temperature is 0).
+top-k, top-p, min-p; then a draw from the softmax (or argmax when temperature is 0). OpenAI's presence
+and frequency penalties, when used, come right after the repetition penalty (as in vLLM).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency_penalty(logits: Tensor, counts: Tensor, presence: float, frequency: float) -> Tensor:
+    """OpenAI's penalties: subtract `frequency` x (times a token was generated) + `presence` x (generated
+    at all). logits: (B, V) float; counts: (B, V) float counts of each token in the output so far."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
