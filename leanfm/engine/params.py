@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # None = off; N = each sampled token's logprob and the N most likely tokens'
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -32,6 +33,7 @@ class SamplingParams:
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0 (or None), got {self.logprobs}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),

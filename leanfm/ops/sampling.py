@@ -70,9 +70,14 @@ def sample(
     """Next token ids (B,) from logits (B, V). temperature == 0 is greedy."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    probs = process_logits(logits, temperature, top_k, top_p, min_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def process_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> Tensor:
+    """What `sample` draws from when temperature > 0: logits scaled, then filtered (dropped tokens -inf)."""
     logits = logits.float() / temperature
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
-    logits = min_p_filter(logits, min_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return min_p_filter(logits, min_p)

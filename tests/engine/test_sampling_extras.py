@@ -3,6 +3,8 @@ counted over the output only), per-token logprobs / top logprobs from the final 
 and n samples of one prompt as sibling requests that reuse the first one's prefill."""
 
 import pytest
+import torch
+from conftest import make_byte_tokenizer
 from engine_testing import (
     assert_all_blocks_free,
     engine_model,
@@ -12,9 +14,12 @@ from engine_testing import (
     run_to_end,
 )
 
+from leanfm.engine.llm import LLM
 from leanfm.engine.params import SamplingParams
+from leanfm.ops.sampling import process_logits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +58,52 @@ def test_presence_penalty_changes_greedy_and_stops_repeats(model):
 def test_penalties_out_of_range_are_rejected(bad):
     with pytest.raises(ValueError, match="penalty"):
         SamplingParams(**bad)
+
+
+def full_logits(model, ids: list[int]):
+    """Next-token logits after every prefix of ids, by one plain causal forward: (len(ids), V)."""
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        return model.compute_logits(model(x, torch.arange(len(ids)).view(1, -1))[0]).float()
+
+
+def test_greedy_logprobs_are_the_model_distribution(model):
+    prompt = prompt_ids(10, seed=11)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+    core = make_engine(model, block_size=4)
+    out = run_to_end(core, {0: [(prompt, params, "a"), (prompt_ids(6, seed=1), GREEDY, "b")]})["a"]
+    assert out.token_ids == reference(model, [prompt], GREEDY)[0]
+    assert len(out.logprobs) == len(out.token_ids)
+    expected = torch.log_softmax(full_logits(model, prompt + out.token_ids)[len(prompt) - 1:-1], dim=-1)
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+        assert lp.token_id == tok and lp.logprob == pytest.approx(expected[i, tok].item(), abs=1e-4)
+        assert len(lp.top) == 5 and lp.top[0][0] == tok
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True)
+        assert values == pytest.approx(expected[i].topk(5).values.tolist(), abs=1e-4)
+    assert run_to_end(make_engine(model), {0: [(prompt, GREEDY, "g")]})["g"].logprobs is None
+
+
+def test_sampled_logprobs_follow_the_filtered_distribution(model):
+    prompt = prompt_ids(8, seed=12)
+    base = dict(temperature=0.8, top_k=5, seed=3, max_tokens=10, ignore_eos=True)
+    plain = run_to_end(make_engine(model), {0: [(prompt, SamplingParams(**base), "p")]})["p"]
+    out = run_to_end(make_engine(model), {0: [(prompt, SamplingParams(**base, logprobs=8), "l")]})["l"]
+    assert out.token_ids == plain.token_ids  # asking for logprobs does not change the draw
+    logits = full_logits(model, prompt + out.token_ids)[len(prompt) - 1:-1]
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+        expected = torch.log_softmax(process_logits(logits[i:i + 1], 0.8, top_k=5)[0], dim=-1)
+        assert lp.logprob == pytest.approx(expected[tok].item(), abs=1e-4)
+        assert [t for t, _ in lp.top[:5]] == expected.topk(5).indices.tolist()
+        assert all(v == float("-inf") for _, v in lp.top[5:])  # outside top-k: impossible
+
+
+def test_streamed_logprobs_align_with_new_tokens(model):
+    llm = LLM(model, make_byte_tokenizer(), block_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=0)
+    outs = list(llm.stream(prompt_ids(7, seed=2), params))
+    assert all(len(o.new_logprobs) == len(o.new_token_ids) for o in outs)
+    flat = [lp for o in outs for lp in o.new_logprobs]
+    assert [lp.token_id for lp in flat] == outs[-1].token_ids and all(lp.top == () for lp in flat)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=-1)
