@@ -2,6 +2,10 @@
 counted over the output only), per-token logprobs / top logprobs from the final sampling distribution,
 and n samples of one prompt as sibling requests that reuse the first one's prefill."""
 
+import asyncio
+import dataclasses
+import time
+
 import pytest
 import torch
 from conftest import make_byte_tokenizer
@@ -14,9 +18,11 @@ from engine_testing import (
     run_to_end,
 )
 
+from leanfm.engine.async_llm import AsyncLLM
 from leanfm.engine.llm import LLM
 from leanfm.engine.params import SamplingParams
 from leanfm.ops.sampling import process_logits
+from leanfm.utils.errors import LeanfmError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -107,3 +113,58 @@ def test_streamed_logprobs_align_with_new_tokens(model):
     assert [lp.token_id for lp in flat] == outs[-1].token_ids and all(lp.top == () for lp in flat)
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=-1)
+
+
+async def collect_many(allm, prompt, params, n, request_id=None):
+    return [item async for item in allm.generate_many(prompt, params, n, request_id=request_id)]
+
+
+def test_n_samples_share_the_prefill_and_use_seed_plus_i(model):
+    prompt = prompt_ids(23, seed=13)
+    params = SamplingParams(temperature=1.0, seed=40, max_tokens=8, ignore_eos=True)
+    allm = AsyncLLM(model, make_byte_tokenizer(), block_size=4)
+    try:
+        items = asyncio.run(collect_many(allm, prompt, params, 3, request_id="req"))
+        wait_idle(allm)
+        assert_all_blocks_free(allm.engine)
+    finally:
+        allm.shutdown()
+    finals = {i: out for i, out in items if out.finished}
+    assert sorted(finals) == [0, 1, 2] and {out.request_id for out in finals.values()} == {"req-0", "req-1", "req-2"}
+    solo = LLM(model, make_byte_tokenizer()).generate(
+        [prompt] * 3, [dataclasses.replace(params, seed=40 + i) for i in range(3)])
+    for i in range(3):
+        assert finals[i].token_ids == solo[i].token_ids
+        assert "".join(out.new_text for j, out in items if j == i) == finals[i].text
+    assert finals[0].metrics.num_cached_tokens == 0
+    assert finals[1].metrics.num_cached_tokens == finals[2].metrics.num_cached_tokens == 20  # 5 full blocks
+    assert len({tuple(out.token_ids) for out in finals.values()}) == 3
+
+
+def test_leaving_n_samples_early_aborts_them_all(model):
+    allm = AsyncLLM(model, make_byte_tokenizer(), block_size=4)
+
+    async def main():
+        agen = allm.generate_many("walk away from all of them", SamplingParams(max_tokens=200, ignore_eos=True), 4)
+        seen = set()
+        async for i, _ in agen:
+            seen.add(i)
+            if len(seen) == 4:
+                break
+        await agen.aclose()
+        with pytest.raises(LeanfmError, match="empty"):
+            await collect_many(allm, "", None, 2)
+
+    try:
+        asyncio.run(main())
+        wait_idle(allm)
+        assert_all_blocks_free(allm.engine)
+    finally:
+        allm.shutdown()
+
+
+def wait_idle(allm, polls=500):
+    for _ in range(polls):
+        if not allm.engine.has_unfinished and not allm._active:
+            return
+        time.sleep(0.01)
