@@ -125,6 +125,11 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    @property
+    def is_running(self) -> bool:
+        """True until shutdown() or an engine failure."""
+        return not self._stopped and self._error is None and self._thread.is_alive()
+
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Stop the engine thread; unfinished streams end with finish_reason "abort"."""
         with self._cv:
