@@ -50,7 +50,8 @@ def test_imports_point_down_only():
     assert not violations, "\n".join(violations)
 
 
-@pytest.mark.parametrize("module", ["leanfm", "leanfm.models", "leanfm.engine.generate", "leanfm.checkpoint.loader"])
+@pytest.mark.parametrize("module", ["leanfm", "leanfm.models", "leanfm.engine.generate", "leanfm.checkpoint.loader",
+                                    "leanfm.server", "leanfm.cli"])
 def test_import_is_light(module):
     code = (
         f"import sys, {module}\n"
