@@ -97,6 +97,10 @@ async def _respond(request: Request, svc: Service, jobs: Jobs, n: int, env: Enve
             raise
     try:
         left, body = await until_disconnected(request, _collect(svc, jobs, n, env, fmt))
+    except LeanfmError as e:
+        if svc.llm.is_running:
+            raise
+        raise APIError(503, f"the engine stopped: {e}", type_="server_error") from None
     finally:
         svc.release(k)
     if left:

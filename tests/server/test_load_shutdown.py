@@ -46,6 +46,17 @@ def test_bounded_load_with_disconnects_leaks_nothing(server):  # noqa: F811
     assert m["leanfm_client_disconnects_total"] >= 12
 
 
+def test_a_client_leaving_a_whole_answer_aborts_it(server):  # noqa: F811
+    before = wait_idle(server.url)["leanfm_client_disconnects_total"]
+    body = {"prompt": "a long answer nobody waits for", "max_tokens": 3000, "ignore_eos": True}
+    try:  # a few thousand engine steps: far longer than the client waits
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+        raise AssertionError("the request finished before the client left")
+    except httpx.ReadTimeout:
+        pass
+    assert wait_idle(server.url)["leanfm_client_disconnects_total"] == before + 1
+
+
 def first_event(lines) -> dict:
     for line in lines:
         if line.startswith("data: "):
