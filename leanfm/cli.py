@@ -208,6 +208,9 @@ def _register_measure_commands() -> None:
     from leanfm.bench.tour import tour_cmd
 
     app.command("tour", help=tour_cmd.__doc__)(tour_cmd)
+    from leanfm.cli_serve import serve_cmd
+
+    app.command("serve", help=serve_cmd.__doc__)(serve_cmd)
 
 
 _register_measure_commands()

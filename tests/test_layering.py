@@ -51,7 +51,7 @@ def test_imports_point_down_only():
 
 
 @pytest.mark.parametrize("module", ["leanfm", "leanfm.models", "leanfm.engine.generate", "leanfm.checkpoint.loader",
-                                    "leanfm.tune", "leanfm.tune.api", "leanfm.cli"])
+                                    "leanfm.tune", "leanfm.tune.api", "leanfm.server", "leanfm.cli"])
 def test_import_is_light(module):
     code = (
         f"import sys, {module}\n"

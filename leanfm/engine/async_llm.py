@@ -4,6 +4,8 @@
     async for out in llm.generate("Hello", SamplingParams(max_tokens=32), request_id="r1"):
         print(out.new_text, end="")            # out.text is everything so far
     llm.abort("r1")                           # from any thread: frees everything r1 holds
+    async for i, out in llm.generate_many("Hello", params, n=4):   # 4 samples of one prompt
+        ...
     llm.shutdown()
 
 Only the engine thread touches the engine. Callers hand it commands (add, abort) through a locked
@@ -14,7 +16,9 @@ A caller that stops iterating early aborts its request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -67,6 +71,50 @@ class AsyncLLM:
             if not finished:
                 self.abort(req.request_id)
 
+    async def generate_many(self, prompt: str | Sequence[int], params: SamplingParams | None = None, n: int = 1,
+                            request_id: str | None = None, priority: int = 0
+                            ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """n samples of one prompt as n requests ("<id>-<i>"), merged into one stream of (i, output).
+
+        Sample i > 0 is submitted once sample 0 has its first token, so its prompt comes from the prefix
+        cache; with a seed, sample i uses seed + i. Bad input raises before anything is yielded; leaving
+        early aborts every sample."""
+        if n < 1:
+            raise LeanfmError(f"n must be >= 1, got {n}")
+        params = SamplingParams() if params is None else params
+        base = uuid.uuid4().hex[:16] if request_id is None else str(request_id)
+        ids = [f"{base}-{i}" for i in range(n)]
+        first = self.generate(prompt, params, ids[0], priority)
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks: list[asyncio.Task] = []
+        done = 0
+        try:
+            out = await first.__anext__()
+            done += out.finished
+            yield 0, out
+            if n == 1:  # no merging: the one stream as it comes
+                async for out in first:
+                    done += out.finished
+                    yield 0, out
+                return
+            tasks.append(asyncio.ensure_future(_pump(0, first, queue)))
+            for i in range(1, n):
+                seed = None if params.seed is None else params.seed + i
+                stream = self.generate(prompt, dataclasses.replace(params, seed=seed), ids[i], priority)
+                tasks.append(asyncio.ensure_future(_pump(i, stream, queue)))
+            while done < n:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done += item.finished
+                yield i, item
+        finally:
+            if done < n:  # left early, or failed: stop every sample (aborting a finished one is a no-op)
+                for task in tasks:
+                    task.cancel()
+                for rid in ids:
+                    self.abort(rid)
+
     def abort(self, request_id: str) -> None:
         """Stop a request (from any thread); its stream ends with finish_reason "abort"."""
         with self._cv:
@@ -76,6 +124,11 @@ class AsyncLLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    @property
+    def is_running(self) -> bool:
+        """True until shutdown() or an engine failure."""
+        return not self._stopped and self._error is None and self._thread.is_alive()
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Stop the engine thread; unfinished streams end with finish_reason "abort"."""
@@ -150,3 +203,12 @@ class AsyncLLM:
             self._stopped = True
         for req_id in list(self._sinks):
             self._deliver(req_id, LeanfmError(f"the engine failed: {exc!r}"))
+
+
+async def _pump(index: int, stream: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:
+    """Forward one sample's outputs (or its error) to the merged queue as (index, item)."""
+    try:
+        async for out in stream:
+            queue.put_nowait((index, out))
+    except Exception as exc:
+        queue.put_nowait((index, exc))

@@ -16,7 +16,7 @@ import torch
 from leanfm.engine.params import SamplingParams
 from leanfm.engine.stop import StopMatcher
 from leanfm.models.interface import ContiguousKVCache, KVCacheMeta
-from leanfm.ops.sampling import apply_repetition_penalty, sample
+from leanfm.ops.sampling import apply_presence_frequency_penalty, apply_repetition_penalty, sample
 from leanfm.utils.errors import ContextLengthError
 
 
@@ -87,6 +87,9 @@ class Generator:
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(1, self.config.vocab_size, dtype=torch.bool, device=self.device)
             seen[0, torch.tensor(ids, device=self.device)] = True
+        counts = None
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            counts = torch.zeros(1, self.config.vocab_size, dtype=torch.float32, device=self.device)
 
         cache = ContiguousKVCache(self.config, 1, len(ids) + budget, self.dtype, self.device)
         out_ids: list[int] = []
@@ -103,6 +106,9 @@ class Generator:
                 pos += step_ids.shape[1]
                 if seen is not None:
                     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+                if counts is not None:
+                    logits = apply_presence_frequency_penalty(logits, counts, params.presence_penalty,
+                                                              params.frequency_penalty)
                 nxt = sample(logits, params.temperature, params.top_k, params.top_p, params.min_p, gen)
                 token = int(nxt[0])
                 if i == 0:
@@ -113,6 +119,8 @@ class Generator:
                 out_ids.append(token)
                 if seen is not None:
                     seen[0, token] = True
+                if counts is not None:
+                    counts[0, token] += 1
                 text, stopped = matcher.push(detok.push(token))
                 if text or stopped:
                     yield StreamEvent(text, token)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leanfm.engine.params import SamplingParams
+from leanfm.engine.request import TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class SchedulerOutput:
 class RunnerOutput:
     req_ids: tuple[str, ...]  # the requests that sampled (chunks with needs_logits), in chunk order
     sampled_token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs | None, ...] = ()  # per sampled row when its request asked (else None)
 
 
 EMPTY_RUNNER_OUTPUT = RunnerOutput((), ())

@@ -62,6 +62,17 @@ class RequestMetrics:
         return n / dt if dt > 0 else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """One sampled token's log-probability under the distribution it was drawn from (after penalties,
+    temperature and top-k/top-p/min-p filtering; for greedy rows the penalized logits' softmax), and the
+    `params.logprobs` most likely tokens of that distribution, best first. Filtered tokens have -inf."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob)
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -73,6 +84,8 @@ class RequestOutput:
     metrics: RequestMetrics
     new_text: str = ""  # what this output adds to the previous one of the same request (streaming)
     new_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None  # per output token, when params.logprobs is set
+    new_logprobs: list[TokenLogprobs] | None = None  # those of new_token_ids
 
     @property
     def finished(self) -> bool:
@@ -88,6 +101,7 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.all_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
+        self.output_logprobs: list[TokenLogprobs] | None = None if params.logprobs is None else []
         self.params = params
         self.priority = priority
         self.arrival_order = next(_arrivals)
@@ -123,8 +137,8 @@ class Request:
     def text(self) -> str:
         return self._matcher.text
 
-    def append_output_token(self, token_id: int) -> bool:
-        """Take a sampled token; True when it ends the request (the status says why)."""
+    def append_output_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> bool:
+        """Take a sampled token (and its logprobs); True when it ends the request (the status says why)."""
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = time.perf_counter()
         if token_id in self.stop_token_ids:
@@ -132,6 +146,8 @@ class Request:
             return True
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+        if self.output_logprobs is not None and logprobs is not None:
+            self.output_logprobs.append(logprobs)
         if self._detok is not None:
             _, stopped = self._matcher.push(self._detok.push(token_id))
             if stopped:
@@ -153,8 +169,10 @@ class Request:
         """A snapshot: cumulative text and tokens, plus what is new since the previous snapshot."""
         text, ids = self._matcher.text, self.output_token_ids
         new_text, new_ids = text[self._sent_text:], ids[self._sent_tokens:]
+        lps = self.output_logprobs
+        new_lps = None if lps is None else lps[self._sent_tokens:]
         self._sent_text, self._sent_tokens = len(text), len(ids)
         self.metrics.num_generated_tokens = len(ids)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, text, list(ids),
                              self.status.value if self.finished else None, dataclasses.replace(self.metrics),
-                             new_text, new_ids)
+                             new_text, new_ids, None if lps is None else list(lps), new_lps)

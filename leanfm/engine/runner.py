@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from leanfm.engine.kv.groups import KVGroupSpec
 from leanfm.engine.messages import EMPTY_RUNNER_OUTPUT, RunnerOutput, ScheduledChunk, SchedulerOutput
-from leanfm.engine.sampler import SamplingState, new_sampling_state, sample_rows
+from leanfm.engine.sampler import SamplingState, new_sampling_state, sample_rows_with_logprobs
 from leanfm.ops.kernels import max_rows
 from leanfm.ops.paged_attention import (
     PagedAttentionPlan,
@@ -103,8 +103,8 @@ class ModelRunner:
                 return EMPTY_RUNNER_OUTPUT
             last = hidden[0, rows[0]:rows[-1] + 1] if rows[-1] - rows[0] == len(rows) - 1 else hidden[0, rows]
             logits = self._logits(last)  # (R, V)
-            tokens = sample_rows(logits, [self.states[r] for r in req_ids])
-        return RunnerOutput(tuple(req_ids), tuple(tokens))
+            tokens, logprobs = sample_rows_with_logprobs(logits, [self.states[r] for r in req_ids])
+        return RunnerOutput(tuple(req_ids), tuple(tokens), tuple(logprobs) if any(logprobs) else ())
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """compute_logits in slices of at most kernels.max_rows() rows when there are a few of them: the

@@ -147,6 +147,7 @@ class Scheduler:
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Request]:
         """Apply a step's results; returns the requests that got a token or finished, in chunk order."""
         sampled = dict(zip(result.req_ids, result.sampled_token_ids, strict=True))
+        logprobs = dict(zip(result.req_ids, result.logprobs, strict=True)) if result.logprobs else {}
         updated = []
         for chunk in sched.chunks:
             req = self.requests.get(chunk.req_id)
@@ -156,7 +157,7 @@ class Scheduler:
             self.kv.cache_blocks(req, req.num_computed_tokens)
             if not chunk.needs_logits:
                 continue
-            if req.append_output_token(sampled[chunk.req_id]):
+            if req.append_output_token(sampled[chunk.req_id], logprobs.get(chunk.req_id)):
                 self.running.remove(req)
                 self._release(req)
             updated.append(req)

@@ -1,7 +1,8 @@
 """Pure sampling functions over a batch of logits (B, V). No state, no I/O.
 
 Order of the logit transforms follows Hugging Face's generate: repetition penalty, temperature,
-top-k, top-p, min-p; then a draw from the softmax (or argmax when temperature is 0).
+top-k, top-p, min-p; then a draw from the softmax (or argmax when temperature is 0). OpenAI's presence
+and frequency penalties, when used, come right after the repetition penalty (as in vLLM).
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency_penalty(logits: Tensor, counts: Tensor, presence: float, frequency: float) -> Tensor:
+    """OpenAI's penalties: subtract `frequency` x (times a token was generated) + `presence` x (generated
+    at all). logits: (B, V) float; counts: (B, V) float counts of each token in the output so far."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -63,9 +72,14 @@ def sample(
     """Next token ids (B,) from logits (B, V). temperature == 0 is greedy."""
     if temperature == 0.0:
         return argmax(logits)  # logits.argmax(-1); a C++ kernel for float32 on the CPU
+    probs = process_logits(logits, temperature, top_k, top_p, min_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def process_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> Tensor:
+    """What `sample` draws from when temperature > 0: logits scaled, then filtered (dropped tokens -inf)."""
     logits = logits.float() / temperature
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
-    logits = min_p_filter(logits, min_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return min_p_filter(logits, min_p)

@@ -74,3 +74,15 @@ def test_temperature_sharpens():
 def test_top_k_noop_cases(k):
     logits = torch.randn(2, 5)
     assert torch.equal(top_k_filter(logits, k), logits)
+
+
+def test_presence_frequency_penalty_is_openai_rule():
+    from leanfm.ops.sampling import apply_presence_frequency_penalty
+
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    counts = torch.tensor([[0.0, 3.0, 1.0, 0.0]])
+    out = apply_presence_frequency_penalty(logits, counts, presence=0.5, frequency=0.25)
+    assert torch.equal(out, torch.tensor([[1.0, 2.0 - 0.75 - 0.5, -1.0 - 0.25 - 0.5, 0.5]]))
+    assert apply_presence_frequency_penalty(logits, counts, 0.0, 0.0) is logits
+    # negative values encourage repeats
+    assert apply_presence_frequency_penalty(logits, counts, -1.0, 0.0)[0, 1] == 3.0
