@@ -67,3 +67,16 @@ def sample(
     logits = min_p_filter(logits, min_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> Tensor:
+    """The distribution `sample` draws from (temperature > 0): (B, V) float32 probabilities after
+    temperature, top-k, top-p and min-p, in that order. Speculative decoding's verification needs it whole."""
+    if temperature <= 0.0:
+        raise ValueError("sampling_probs needs temperature > 0 (greedy has no distribution to draw from)")
+    logits = logits.float() / temperature
+    logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    logits = min_p_filter(logits, min_p)
+    return logits.softmax(-1)
