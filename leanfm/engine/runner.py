@@ -126,9 +126,10 @@ class ModelRunner:
             if self.spec is not None:
                 self.spec.add(new.req_id, new.prompt_token_ids)
 
-    def run_model(self, chunks: list[ScheduledChunk], rows: list[int]) -> Tensor | None:
+    def run_model(self, chunks: list[ScheduledChunk], rows: list[int], logits: bool = True) -> Tensor | None:
         """One forward over the chunks (single-token chunks first) -> logits (len(rows), V) of the given
-        rows of the flattened step (None when no row is asked for). The KV of every token is written."""
+        rows of the flattened step (their hidden states with logits=False; None when no row is asked for).
+        The KV of every token is written."""
         input_ids, positions, meta = self._prepare(chunks)
         hidden = self.model(input_ids, positions, meta)  # (1, T, hidden)
         if not rows:
@@ -137,7 +138,7 @@ class ModelRunner:
             last = hidden[0, rows[0]:rows[-1] + 1]
         else:
             last = hidden[0].index_select(0, torch.tensor(rows, dtype=torch.long, device=hidden.device))
-        return self._logits(last)
+        return self._logits(last) if logits else last
 
     def _verify(self, logits: Tensor, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
         """Per sampled chunk: accept a prefix of its drafts and emit one token (leanfm.engine.spec.verify)."""

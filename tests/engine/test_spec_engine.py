@@ -122,6 +122,15 @@ def test_full_acceptance_and_stops_inside_accepted_runs(model):
     assert_draft_blocks_free(llm.engine)
 
 
+def test_draft_vocabulary_cut(model):
+    """A layer-skip draft whose head only knows half the vocabulary: fewer tokens accepted, same output."""
+    core = make_engine(model, block_size=4, speculative=spec_options("layer_skip", model, draft_vocab=range(130)))
+    prompts = [repetitive(n, seed=n) for n in (12, 30, 45)]
+    check(model, core, {0: [(p, GREEDY, str(i)) for i, p in enumerate(prompts)]})
+    head = core.runner.spec.proposer.head
+    assert head.weight.shape == (130, model.config.hidden_size) and core.stats().spec_draft_tokens > 0
+
+
 @pytest.mark.parametrize("method", ["draft", "layer_skip"])
 def test_abort_frees_the_draft_cache(model, method):
     core = make_engine(model, block_size=4, speculative=spec_options(method, model))

@@ -5,7 +5,7 @@
     draft (the classic bug) fails the same check.
 (2) The engine end to end on a tiny model with a 12-token vocabulary: the joint distribution of generated
     tokens 2 and 3 (token 1 comes from the prefill, before any draft) over many seeds, with n-gram and
-    layer-skip drafts, matches the exact distribution enumerated from the model (chi-square, p < 1e-4 fails;
+    layer-skip drafts (its LM head cut to 9 of the 12 tokens), matches the exact distribution enumerated from the model (chi-square, p < 1e-4 fails;
     fixed seeds, so the outcome is deterministic).
 """
 
@@ -67,13 +67,16 @@ def _draws(p: torch.Tensor, q: torch.Tensor | None, n: int, verifier=rejection_s
     return first, second
 
 
-@pytest.mark.parametrize("case", ["point_mass", "draft_probs", "q_equals_p"])
+@pytest.mark.parametrize("case", ["point_mass", "draft_probs", "q_equals_p", "q_with_zeros"])
 def test_rejection_sample_emits_the_target_distribution(case):
     g = torch.Generator().manual_seed(0)
     v = 6
     p = torch.softmax(torch.randn(3, v, generator=g) * 1.5, -1)
     q = {"point_mass": None, "draft_probs": torch.softmax(torch.randn(2, v, generator=g) * 1.5, -1),
-         "q_equals_p": p[:2].clone()}[case]
+         "q_equals_p": p[:2].clone(), "q_with_zeros": torch.softmax(torch.randn(2, v, generator=g), -1)}[case]
+    if case == "q_with_zeros":  # a draft with a cut vocabulary: tokens 3.. are never drafted
+        q[:, 3:] = 0
+        q /= q.sum(-1, keepdim=True)
     first, second = _draws(p, q, 6000)
     for counts, probs in ((first, p[0]), (second, p[1])):
         stat, df = chi2_stat(counts, probs)
@@ -142,7 +145,8 @@ def exact_joint(model) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["ngram", "layer_skip"])
 def test_engine_sampling_distribution_matches_the_target(small_model, method):
     n = 2000
-    spec = {"method": method, "num_speculative_tokens": 2, "ngram_min": 1, "disable_above_batch": None}
+    spec = {"method": method, "num_speculative_tokens": 2, "disable_above_batch": None}
+    spec.update(ngram_min=1) if method == "ngram" else spec.update(draft_vocab=range(9))  # q = 0 on 9, 10, 11
     core = EngineCore(small_model, None, EngineConfig(block_size=4, max_num_seqs=512, max_num_batched_tokens=4096,
                                                      speculative=spec))
     outs = {}

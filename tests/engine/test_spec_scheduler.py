@@ -200,6 +200,8 @@ def test_ngram_index_grows_incrementally_like_a_full_scan():
     ({"method": "ngram", "skip_layers": [1]}, "skip_layers is for"),
     ({"method": "layer_skip", "skip_layers": [1, 1]}, "distinct"),
     ({"disable_above_batch": 0}, "disable_above_batch"),
+    ({"method": "ngram", "draft_vocab": [1, 2]}, "draft_vocab is for"),
+    ({"method": "layer_skip", "draft_vocab": []}, "non-empty"),
     ({"k": 3}, "unknown speculative option"),
     (3, "method name or a dict"),
 ])

@@ -10,7 +10,8 @@ catches up with the request's tokens (the whole prompt the first time; pieces of
 tokens per forward, shared by the batch), and the last caught-up row gives the first draft; k - 1 decode
 steps give the rest. Greedy requests draft the argmax; sampled ones draw from q, the draft's distribution
 under the request's temperature / top-k / top-p / min-p, with the request's generator, and q goes to the
-verifier. Preemption frees a request's draft blocks (recomputed at its next proposal); a request that
+verifier. With a draft vocabulary (SpeculativeConfig.draft_vocab) the LM head is cut to those rows
+(SubsetHead) and q is zero outside them. Preemption frees a request's draft blocks (recomputed at its next proposal); a request that
 finds no free draft block gets no (further) drafts this step and starts over next time.
 """
 
@@ -28,6 +29,7 @@ from leanfm.engine.messages import ScheduledChunk
 from leanfm.engine.runner import ModelRunner
 from leanfm.engine.sampler import SamplingState
 from leanfm.engine.spec.decoder import ProposeItem
+from leanfm.ops.kernels import linear
 from leanfm.ops.sampling import sampling_probs
 
 
@@ -51,11 +53,13 @@ class _Work:
 
 
 class DraftProposer:
-    def __init__(self, model: nn.Module, groups: Sequence[KVGroupSpec], block_size: int, max_chunk: int):
+    def __init__(self, model: nn.Module, groups: Sequence[KVGroupSpec], block_size: int, max_chunk: int,
+                 vocab: Sequence[int] | None = None):
         self.runner = ModelRunner(model, groups, block_size)
         self.kv = KVCacheManager(groups, block_size, enable_prefix_caching=False)
         self.max_chunk = max_chunk
         self.seqs: dict[str, _DraftSeq] = {}
+        self.head = None if vocab is None else SubsetHead(model, vocab)
 
     @property
     def kv_bytes(self) -> int:
@@ -126,27 +130,53 @@ class DraftProposer:
             if last:
                 rows.append(end - 1)
                 sampled.append(w)
-        logits = self.runner.run_model(chunks, rows)
-        if logits is not None:
-            self._draw(logits, sampled)
+        out = self.runner.run_model(chunks, rows, logits=self.head is None)
+        if out is not None:
+            self._draw(out if self.head is None else self.head(out), sampled)
 
     def _draw(self, logits: Tensor, sampled: list[_Work]) -> None:
-        greedy = logits.argmax(dim=-1).tolist()
+        """Draft tokens from the logits rows (over the draft vocabulary when the head is cut)."""
+        ids = None if self.head is None else self.head.ids
+        greedy = logits.argmax(dim=-1)
+        greedy = (greedy if ids is None else ids[greedy]).tolist()
         for i, w in enumerate(sampled):
             token = greedy[i]
             if w.item.state.params.temperature != 0.0:
-                token, q = draw(logits[i], w.item.state)
+                token, q = draw(logits[i], w.item.state, ids, self.runner.vocab_size)
                 w.probs.append(q)
             w.drafts.append(token)
             if len(w.drafts) < w.item.k:
                 w.pending = [token]
 
 
-def draw(logits: Tensor, state: SamplingState) -> tuple[int, Tensor]:
-    """A draft token from one row of draft logits under the request's sampling options, and q (V,)."""
+def draw(logits: Tensor, state: SamplingState, ids: Tensor | None = None, vocab_size: int = 0) -> tuple[int, Tensor]:
+    """A draft token from one row of draft logits under the request's sampling options, and q (V,).
+    With `ids`, the row covers those token ids only: q is zero elsewhere."""
     p = state.params
     q = sampling_probs(logits[None], p.temperature, p.top_k, p.top_p, p.min_p)[0]
-    return int(torch.multinomial(q, 1, generator=state.generator)[0]), q
+    i = int(torch.multinomial(q, 1, generator=state.generator)[0])
+    if ids is None:
+        return i, q
+    return int(ids[i]), torch.zeros(vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, ids, q)
+
+
+class SubsetHead:
+    """The model's LM head restricted to some token ids (their rows copied once): hidden (R, H) -> (R, N)."""
+
+    def __init__(self, model: nn.Module, vocab: Sequence[int]):
+        head = model.lm_head
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise ValueError(f"draft_vocab needs a plain linear LM head without bias, the draft has "
+                             f"{type(head).__name__}")
+        self.ids = torch.tensor(sorted(set(vocab)), dtype=torch.long, device=head.weight.device)
+        if int(self.ids[-1]) >= head.weight.shape[0]:
+            raise ValueError(f"draft_vocab has token id {int(self.ids[-1])}, the vocabulary has {head.weight.shape[0]}")
+        self.weight = head.weight.detach().index_select(0, self.ids).contiguous()
+        self.cap = model.config.final_logit_softcapping
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        logits = linear(hidden, self.weight)
+        return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
 
 
 def default_skip_layers(num_layers: int) -> tuple[int, ...]:

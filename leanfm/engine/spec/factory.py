@@ -28,7 +28,12 @@ def build_spec_decoder(spec: SpeculativeConfig, model: nn.Module, groups: Sequen
         blocks = max(g.num_blocks for g in groups)  # as many tokens as the target's cache holds
         sizing = dataclasses.replace(config, num_blocks=blocks, kv_memory_bytes=None, speculative=None)
         draft_groups = plan_kv_groups(draft.config, sizing, dtype.itemsize, max_model_len)
-    return SpecDecoder(DraftProposer(draft, draft_groups, config.block_size, config.max_num_batched_tokens))
+    try:
+        proposer = DraftProposer(draft, draft_groups, config.block_size, config.max_num_batched_tokens,
+                                 spec.draft_vocab)
+    except ValueError as e:
+        raise EngineConfigError(f"speculative: {e}") from None
+    return SpecDecoder(proposer)
 
 
 def layer_skip_draft(model: nn.Module, groups: Sequence[KVGroupSpec], block_size: int,
