@@ -85,6 +85,16 @@ def test_greedy_mixed_batch_equals_generator(model, method):
         assert s.spec_draft_kv_bytes > 0
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_with_repetition_penalty(model, method):
+    """The penalty counts earlier drafts as seen, row by row, exactly as plain decoding counts its outputs."""
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=30, ignore_eos=True)
+    core = make_engine(model, block_size=4, speculative=spec_options(method, model, ngram_min=1))
+    prompts = [repetitive(n, seed=n) for n in (15, 40)]
+    check(model, core, {0: [(p, params, str(i)) for i, p in enumerate(prompts)]}, params)
+    assert core.stats().spec_draft_tokens > 0
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_everything_at_once(model, method):
     """Chunked prefill (budget 9), preemption (26 blocks), prefix hits and arrivals, with drafts in flight."""
