@@ -15,6 +15,12 @@ Methods:
 frequent tokens): on a small model with a large vocabulary the head is most of the draft's cost (Gemma 3
 270M: 168M of its 268M weights). The draft then never proposes other tokens; the output stays exact.
 
+Exactness: greedy output is plain decoding's, token for token (up to float rounding: a verify step computes
+k + 1 rows where plain decoding computes one, so an exact tie of two logits could break the other way).
+Sampled output follows the target's distribution exactly (rejection sampling), but a seeded request draws
+other tokens than without speculation, and since the drafts a step verifies depend on the token budget and
+the off-switch, its tokens may depend on what else runs.
+
 Speculation switches off for a step when more than `disable_above_batch` requests run (None: never): a
 verify step computes k + 1 tokens per request, nearly free at batch 1 where the weights are read once per
 step, but at a large batch the step is compute-bound and drafts that get rejected are pure cost.
