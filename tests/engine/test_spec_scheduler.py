@@ -143,6 +143,8 @@ def test_off_switch_above_the_batch_threshold():
     assert SpeculativeConfig(disable_above_batch=2).should_speculate(2)
     assert not SpeculativeConfig(disable_above_batch=2).should_speculate(3)
     assert SpeculativeConfig(disable_above_batch=None).should_speculate(10_000)
+    default = SpeculativeConfig()  # measured: speculation stops paying between batch 2 and 4 (bench_spec.py)
+    assert default.should_speculate(2) and not default.should_speculate(3)
 
 
 def test_preemption_drops_the_drafts():
