@@ -63,12 +63,19 @@ def generate(
     dtype: DtypeOpt = "float32",
     seed: SeedOpt = None,
     adapter: AdapterOpt = None,
+    speculative: Annotated[str | None, typer.Option(help="speculative decoding: ngram | draft | layer_skip")] = None,
+    num_speculative_tokens: Annotated[int, typer.Option(help="draft tokens verified per step")] = 4,
+    draft_model: Annotated[str | None, typer.Option(help="--speculative draft: alias, .gguf or HF dir "
+                                                          "with the same tokenizer")] = None,
+    skip_layers: Annotated[str | None, typer.Option(help="--speculative layer_skip: layers to skip, e.g. 5,7,9 "
+                                                          "[default: every other middle layer]")] = None,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
     from leanfm.engine.llm import LLM
 
     torch_dtype, _ = setup_torch(threads, dtype, seed)
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+    spec = _speculative(speculative, num_speculative_tokens, draft_model, skip_layers)
     loaded = load_for_inference(model, torch_dtype, adapter, for_generation=True)
     tok = loaded.tokenizer
     if chat_template:  # the template writes BOS itself where the model wants one
@@ -77,7 +84,8 @@ def generate(
     else:
         ids = tok.encode(prompt)
     total = min(len(ids) + max_tokens, loaded.config.max_position_embeddings)
-    llm = LLM(loaded.model, tok, max_num_seqs=1, num_blocks=-(-total // 16) + 2)  # a KV cache for this request only
+    llm = LLM(loaded.model, tok, max_num_seqs=1, num_blocks=-(-total // 16) + 2,  # a KV cache for this request only
+              speculative=spec)
     final = None
     for out in llm.stream(ids, params):
         if out.new_text:
@@ -90,9 +98,28 @@ def generate(
         typer.echo(
             f"[load {loaded.load_seconds:.2f}s | prompt {m.num_prompt_tokens} tok, first token "
             f"{(m.ttft or 0.0) * 1e3:.0f} ms | {len(final.token_ids)} tok at "
-            f"{m.decode_tokens_per_second:.1f} tok/s | finish: {final.finish_reason}]",
+            f"{m.decode_tokens_per_second:.1f} tok/s | finish: {final.finish_reason}"
+            + (f" | drafts accepted {m.num_accepted_tokens}/{m.num_draft_tokens}, "
+               f"{m.mean_accepted_length:.2f} tok/step" if spec else "") + "]",
             err=True,
         )
+
+
+def _speculative(method: str | None, k: int, draft_model: str | None, skip_layers: str | None) -> dict | None:
+    """The engine's speculative option from the generate flags (validated by EngineConfig)."""
+    if method is None:
+        if draft_model is not None or skip_layers is not None:
+            raise LeanfmError("--draft-model and --skip-layers need --speculative draft / layer_skip")
+        return None
+    spec: dict = {"method": method, "num_speculative_tokens": k}
+    if draft_model is not None:
+        spec["draft_model"] = draft_model
+    if skip_layers is not None:
+        try:
+            spec["skip_layers"] = [int(i) for i in skip_layers.split(",") if i.strip()]
+        except ValueError:
+            raise LeanfmError(f"--skip-layers takes comma-separated layer indices, got {skip_layers!r}") from None
+    return spec
 
 
 @app.command()

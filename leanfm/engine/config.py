@@ -5,7 +5,8 @@
 The KV cache is a pool of fixed-size blocks per KV group (full-attention layers, sliding-window layers).
 Its size is `num_blocks` per group, or `kv_memory_bytes` split between the groups, or (neither given)
 DEFAULT_KV_MEMORY_BYTES capped at what max_num_seqs requests of max_model_len tokens can use.
-Torch-free: the scheduler reads it too.
+`speculative` (a SpeculativeConfig, a method name or a dict of its fields) turns on speculative decoding;
+see leanfm.engine.spec.config. Torch-free: the scheduler reads it too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from leanfm.engine.spec.config import SpeculativeConfig, SpeculativeConfigError
 from leanfm.utils.errors import LeanfmError
 
 DEFAULT_KV_MEMORY_BYTES = 1 << 30
@@ -34,8 +36,13 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output tokens per request; None = the model's context
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # weights when the model is loaded by name, and the KV cache; auto = the model's
+    speculative: SpeculativeConfig | None = None  # speculative decoding (None = off)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "speculative", SpeculativeConfig.from_any(self.speculative))
+        except SpeculativeConfigError as e:
+            raise EngineConfigError(str(e)) from None
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
         for name in positive:
             value = getattr(self, name)
@@ -49,6 +56,10 @@ class EngineConfig:
             raise EngineConfigError("give num_blocks or kv_memory_bytes, not both")
         if self.dtype not in DTYPES:
             raise EngineConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        spec = self.speculative
+        if spec is not None and spec.num_speculative_tokens >= self.max_num_batched_tokens:
+            raise EngineConfigError(f"num_speculative_tokens={spec.num_speculative_tokens} leaves no room in "
+                                    f"max_num_batched_tokens={self.max_num_batched_tokens}; lower it or raise the budget")
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
@@ -60,4 +71,6 @@ class EngineConfig:
         return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["speculative"] = None if self.speculative is None else self.speculative.to_dict()
+        return d

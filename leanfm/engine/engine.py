@@ -44,7 +44,12 @@ class EngineCore:
         groups = plan_kv_groups(mc, config, dtype.itemsize, self.max_model_len)
         self.kv = KVCacheManager(groups, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
-        self.runner = ModelRunner(model, groups, config.block_size)
+        spec = None
+        if config.speculative is not None:
+            from leanfm.engine.spec.factory import build_spec_decoder
+
+            spec = build_spec_decoder(config.speculative, model, groups, config, self.max_model_len)
+        self.runner = ModelRunner(model, groups, config.block_size, spec)
         self.default_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", None) or mc.eos_token_id)
         self.num_generated_tokens = 0
         self._next_id = itertools.count()
@@ -104,7 +109,15 @@ class EngineCore:
 
     def abort(self, request_id: str) -> Request | None:
         """Stop a request now and free its KV blocks; returns it (finished, reason "abort") or None."""
-        return self.scheduler.abort(request_id)
+        req = self.scheduler.abort(request_id)
+        self._flush_if_idle()
+        return req
+
+    def _flush_if_idle(self) -> None:
+        """With nothing left to run, tell the runner now which requests finished (it learns of them at the
+        next step otherwise), so that per-request state such as a draft model's KV blocks is freed."""
+        if not self.scheduler.has_unfinished:
+            self.runner.execute(self.scheduler.drain_finished())
 
     @property
     def has_unfinished(self) -> bool:
@@ -117,8 +130,10 @@ class EngineCore:
         result = self.runner.execute(sched)
         if sched.is_empty and self.scheduler.requests and not self.scheduler.running:
             raise RuntimeError("the engine cannot schedule any waiting request (KV cache too small?)")
-        self.num_generated_tokens += len(result.sampled_token_ids)
-        return self.scheduler.update_from_output(sched, result)
+        self.num_generated_tokens += len(result.sampled_token_ids) + sum(result.num_accepted)
+        updated = self.scheduler.update_from_output(sched, result)
+        self._flush_if_idle()
+        return updated
 
     def stats(self) -> EngineStats:
         s, kv = self.scheduler, self.kv
@@ -128,4 +143,7 @@ class EngineCore:
             prefix_cache_hits=kv.prefix_hits, kv_groups=tuple(g.name for g in kv.groups),
             kv_blocks_total=tuple(p.num_usable for p in kv.pools), kv_blocks_free=tuple(p.num_free for p in kv.pools),
             kv_cache_bytes=self.runner.kv_bytes, last_step_tokens=s.last_step_tokens,
-            num_scheduled_tokens=s.num_scheduled_tokens, num_generated_tokens=self.num_generated_tokens)
+            num_scheduled_tokens=s.num_scheduled_tokens, num_generated_tokens=self.num_generated_tokens,
+            spec_draft_tokens=s.num_draft_tokens, spec_accepted_tokens=s.num_accepted_tokens,
+            spec_verify_steps=s.num_spec_steps, spec_off_steps=s.num_spec_off_steps,
+            spec_draft_kv_bytes=self.runner.spec.kv_bytes if self.runner.spec is not None else 0)

@@ -3,8 +3,11 @@
     SchedulerOutput --> runner.execute() --> RunnerOutput --> scheduler.update_from_output()
 
 Every scheduled request gets one ScheduledChunk: the tokens whose KV to compute this step (a whole or
-partial prompt, or the one token sampled last step), the position of the first, its block table per KV
-group, and whether the step reaches the end of its known tokens (then the runner samples its next token).
+partial prompt, or the one token sampled last step, maybe followed by draft tokens), the position of the
+first, its block table per KV group, and whether the step reaches the end of its known tokens (then the
+runner samples its next token). With speculative decoding (leanfm.engine.spec) a chunk's last
+`num_draft_tokens` tokens are drafts the runner verifies, and `num_propose` asks it for the next drafts;
+RunnerOutput then says how many drafts each request accepted and carries the new drafts.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class ScheduledChunk:
     start_pos: int  # = the request's num_computed_tokens
     block_tables: tuple[tuple[int, ...], ...]  # per KV group; entry i holds positions [i*bs, (i+1)*bs)
     needs_logits: bool  # the chunk ends at the request's last known token: sample the next one
+    num_draft_tokens: int = 0  # the chunk's last tokens are this many drafts to verify
+    num_propose: int = 0  # after sampling, draft up to this many tokens for the next step
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +57,10 @@ class SchedulerOutput:
 @dataclass(frozen=True, slots=True)
 class RunnerOutput:
     req_ids: tuple[str, ...]  # the requests that sampled (chunks with needs_logits), in chunk order
-    sampled_token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprobs | None, ...] = ()  # per sampled row when its request asked (else None)
+    sampled_token_ids: tuple[int, ...]  # per request: the token after its accepted drafts
+    num_accepted: tuple[int, ...] = ()  # per request: leading drafts of its chunk accepted (empty: none)
+    draft_token_ids: tuple[tuple[int, ...], ...] = ()  # per request: drafts for the next step (empty: none)
+    logprobs: tuple[TokenLogprobs | None, ...] = ()  # per request, when it asked (else None); never with drafts
 
 
 EMPTY_RUNNER_OUTPUT = RunnerOutput((), ())

@@ -2,7 +2,9 @@
 
 A request's tokens are its prompt followed by its outputs; `num_computed_tokens` counts those whose KV
 is in the cache. Each step the scheduler lets it catch up: a whole or partial prompt (prefill, chunked
-prefill, after a prefix hit or a preemption) or the one token sampled last step (decode).
+prefill, after a prefix hit or a preemption) or the one token sampled last step (decode), followed by
+the draft tokens `spec_token_ids` when speculative decoding proposed some (then it rolls back past the
+rejected ones).
 The per-request random generator lives in the runner (it is a tensor-side object), keyed by request id
 and seeded from `params.seed`; it survives preemption, so a seed gives the same tokens in any batch.
 """
@@ -46,6 +48,19 @@ class RequestMetrics:
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
     num_preemptions: int = 0
+    num_draft_tokens: int = 0  # speculative decoding: draft tokens verified
+    num_accepted_tokens: int = 0  # of which accepted
+    num_spec_steps: int = 0  # steps that verified at least one draft
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted over verified draft tokens (0 without speculation)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verify step: accepted drafts plus the target's own token (1 = no draft ever accepted)."""
+        return 1.0 + self.num_accepted_tokens / self.num_spec_steps if self.num_spec_steps else 0.0
 
     @property
     def ttft(self) -> float | None:
@@ -110,6 +125,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.block_keys: list = []  # the KV manager's memo of block hashes (see kv.manager)
+        self.spec_token_ids: list[int] = []  # draft tokens to verify next step (speculative decoding)
         self.stop_token_ids = stop_token_ids
         self.max_output_tokens = min(params.max_tokens, max_model_len - len(prompt_token_ids))
         self._detok = detokenizer

@@ -7,19 +7,23 @@ layer's K and V caches are views into it. A step's chunks are flattened into inp
 shape (1, total tokens), single-token chunks (decodes) first. A PagedAttentionMeta, built once per step,
 carries one PagedAttentionPlan per group; every attention layer calls its `attend`, which writes the
 layer's new keys/values into their slots and attends through leanfm.ops.paged_attention. Logits are
-computed only for the last row of the chunks that need a sample.
+computed only for the rows that are sampled: the last row of a chunk that needs a sample, plus the k rows
+before it when the chunk ends with k draft tokens (speculative decoding: leanfm.engine.spec), which are
+verified here; the proposer then drafts the next tokens (spec.SpecDecoder.step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from leanfm.engine.kv.groups import KVGroupSpec
 from leanfm.engine.messages import EMPTY_RUNNER_OUTPUT, RunnerOutput, ScheduledChunk, SchedulerOutput
-from leanfm.engine.sampler import SamplingState, new_sampling_state, sample_rows_with_logprobs
+from leanfm.engine.sampler import SamplingState, new_sampling_state, sample_rows, sample_rows_with_logprobs
+from leanfm.engine.spec.verify import greedy_accept, verify_chunk
 from leanfm.ops.kernels import max_rows
 from leanfm.ops.paged_attention import (
     PagedAttentionPlan,
@@ -28,6 +32,9 @@ from leanfm.ops.paged_attention import (
     plan_paged_attention,
     write_kv,
 )
+
+if TYPE_CHECKING:
+    from leanfm.engine.spec.decoder import SpecDecoder
 
 
 class PagedAttentionMeta:
@@ -49,7 +56,7 @@ class PagedAttentionMeta:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, groups: Sequence[KVGroupSpec], block_size: int):
+    def __init__(self, model: nn.Module, groups: Sequence[KVGroupSpec], block_size: int, spec: SpecDecoder | None = None):
         cfg = model.config
         param = next(model.parameters())
         self.model, self.groups, self.block_size = model, tuple(groups), block_size
@@ -67,6 +74,7 @@ class ModelRunner:
                 self.layer_group[layer] = gi
         self._check_windows()
         self.states: dict[str, SamplingState] = {}
+        self.spec = spec  # speculative decoding: token histories, the proposer, draft distributions
 
     def _check_windows(self) -> None:
         for m in self.model.modules():
@@ -82,29 +90,77 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in self.kv_tensors)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        for req_id in sched.finished_req_ids:
-            self.states.pop(req_id, None)
-        for new in sched.new_requests:
-            self.states[new.req_id] = new_sampling_state(new.params, new.prompt_token_ids, self.vocab_size,
-                                                         self.device)
+        self._update_states(sched)
         if not sched.chunks:
             return EMPTY_RUNNER_OUTPUT
         chunks = sorted(sched.chunks, key=lambda c: len(c.token_ids) != 1)  # decodes first, order kept
-        rows, req_ids, end = [], [], 0
+        rows, sampled, end = [], [], 0
         for c in chunks:
             end += len(c.token_ids)
-            if c.needs_logits:
-                rows.append(end - 1)
-                req_ids.append(c.req_id)
+            if c.needs_logits:  # the last row, and the k rows before it that judge the chunk's k drafts
+                rows.extend(range(end - 1 - c.num_draft_tokens, end))
+                sampled.append(c)
         with torch.inference_mode():
-            input_ids, positions, meta = self._prepare(chunks)
-            hidden = self.model(input_ids, positions, meta)  # (1, T, hidden)
-            if not rows:
+            logits = self.run_model(chunks, rows)  # (R, V)
+            if logits is None:
                 return EMPTY_RUNNER_OUTPUT
-            last = hidden[0, rows[0]:rows[-1] + 1] if rows[-1] - rows[0] == len(rows) - 1 else hidden[0, rows]
-            logits = self._logits(last)  # (R, V)
-            tokens, logprobs = sample_rows_with_logprobs(logits, [self.states[r] for r in req_ids])
-        return RunnerOutput(tuple(req_ids), tuple(tokens), tuple(logprobs) if any(logprobs) else ())
+            logprobs: list = []
+            if len(rows) == len(sampled):  # no drafts to verify
+                tokens, logprobs = sample_rows_with_logprobs(logits, [self.states[c.req_id] for c in sampled])
+                accepted = [0] * len(tokens)
+            else:  # (a request asking for logprobs is never given drafts: the scheduler sees to it)
+                tokens, accepted = self._verify(logits, sampled)
+            drafts = self.spec.step(sampled, tokens, accepted, self.states) if self.spec is not None else ()
+        return RunnerOutput(tuple(c.req_id for c in sampled), tuple(tokens), tuple(accepted), drafts,
+                            tuple(logprobs) if any(logprobs) else ())
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.states.pop(req_id, None)
+            if self.spec is not None:
+                self.spec.finished(req_id)
+        if self.spec is not None:
+            for req_id in sched.preempted_req_ids:
+                self.spec.preempted(req_id)
+        for new in sched.new_requests:
+            self.states[new.req_id] = new_sampling_state(new.params, new.prompt_token_ids, self.vocab_size,
+                                                         self.device)
+            if self.spec is not None:
+                self.spec.add(new.req_id, new.prompt_token_ids)
+
+    def run_model(self, chunks: list[ScheduledChunk], rows: list[int], logits: bool = True) -> Tensor | None:
+        """One forward over the chunks (single-token chunks first) -> logits (len(rows), V) of the given
+        rows of the flattened step (their hidden states with logits=False; None when no row is asked for).
+        The KV of every token is written."""
+        input_ids, positions, meta = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, meta)  # (1, T, hidden)
+        if not rows:
+            return None
+        if rows[-1] - rows[0] == len(rows) - 1:  # contiguous: a view
+            last = hidden[0, rows[0]:rows[-1] + 1]
+        else:
+            last = hidden[0].index_select(0, torch.tensor(rows, dtype=torch.long, device=hidden.device))
+        return self._logits(last) if logits else last
+
+    def _verify(self, logits: Tensor, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
+        """Per sampled chunk: accept a prefix of its drafts and emit one token (leanfm.engine.spec.verify)."""
+        states = [self.states[c.req_id] for c in chunks]
+        greedy = logits.argmax(dim=-1).tolist() if all(s.plain_greedy for s in states) else None
+        tokens, accepted, r = [], [], 0
+        for c, state in zip(chunks, states, strict=True):
+            k = c.num_draft_tokens
+            drafts = c.token_ids[len(c.token_ids) - k:]
+            if greedy is not None:
+                a, token = greedy_accept(greedy[r:r + k + 1], drafts)
+            elif k == 0:
+                a, token = 0, sample_rows(logits[r:r + 1], [state])[0]
+            else:
+                q = self.spec.draft_probs.get(c.req_id) if self.spec is not None else None
+                a, token = verify_chunk(logits[r:r + k + 1], drafts, state, q)
+            tokens.append(token)
+            accepted.append(a)
+            r += k + 1
+        return tokens, accepted
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """compute_logits in slices of at most kernels.max_rows() rows when there are a few of them: the

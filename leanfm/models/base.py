@@ -120,5 +120,25 @@ class DecoderForCausalLM(nn.Module):
         types = tuple(self.config.layer_types[i] for i in keep) if self.config.layer_types else ()
         self.config = self.config.replace(num_hidden_layers=len(keep), layer_types=types)
 
+    def layer_subset(self, keep: Iterable[int]) -> DecoderForCausalLM:
+        """A view that runs only the decoder layers `keep`, sharing every module and weight with this model:
+        the draft of self-speculative decoding (layer skipping, as in Draft & Verify). Unlike remove_layers,
+        nothing is renumbered: each layer keeps its `layer_idx`, so a KV cache for the view is indexed like
+        one for the whole model, and `config` stays the whole model's."""
+        n = len(self.model.layers)
+        keep = sorted(set(keep))
+        if not keep or not set(keep) <= set(range(n)):
+            raise ValueError(f"layer_subset needs layer indices in [0, {n}), at least one, got {keep}")
+        backbone = object.__new__(type(self.model))
+        backbone.__dict__.update(self.model.__dict__)
+        backbone._modules = type(self.model._modules)(self.model._modules)  # its own module table
+        backbone.layers = nn.ModuleList(self.model.layers[i] for i in keep)
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._modules = type(self._modules)(self._modules)
+        view.model = backbone
+        view._layer_rope = [self._layer_rope[i] for i in keep]
+        return view
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared tensors are counted once

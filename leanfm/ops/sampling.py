@@ -83,3 +83,12 @@ def process_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: fl
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
     return min_p_filter(logits, min_p)
+
+
+def sampling_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> Tensor:
+    """The distribution `sample` draws from (temperature > 0): (B, V) float32 probabilities after
+    temperature, top-k, top-p and min-p, in that order. Speculative decoding's verification needs it whole."""
+    if temperature <= 0.0:
+        raise ValueError("sampling_probs needs temperature > 0 (greedy has no distribution to draw from)")
+    return process_logits(logits, temperature, top_k, top_p, min_p).softmax(-1)

@@ -6,6 +6,7 @@ Protocol, as the scheduler uses it each step:
     ok = kv.allocate_slots(req, num_new, prefix)    # room for num_new more tokens? (False: nothing taken)
     ... the runner computes the tokens ...
     kv.cache_blocks(req)                            # full computed blocks become reusable prefixes
+    kv.truncate(req, num_tokens)                    # rejected draft tokens: their blocks go back
     kv.free(req)                                    # finished, aborted or preempted
 
 The sliding-window group keeps only the blocks the next queries can see: before each allocation it
@@ -164,6 +165,18 @@ class KVCacheManager:
         if t is not None:
             for table, pool in zip(t.tables, self.pools, strict=True):
                 pool.free(reversed(table))
+
+    def truncate(self, req: KVRequest, num_tokens: int) -> None:
+        """Give back the request's blocks past its first num_tokens positions (the slots of rejected draft
+        tokens, speculative decoding). Blocks already in the prefix cache hold final tokens: never cut."""
+        t = self._reqs.get(req.request_id)
+        if t is None:
+            return
+        keep = max(math.ceil(num_tokens / self.block_size), t.num_cached)
+        for table, pool in zip(t.tables, self.pools, strict=True):
+            if len(table) > keep:
+                pool.free(reversed(table[keep:]))
+                del table[keep:]
 
     # ---------------------------------------------------------------- views
     def block_tables(self, req: KVRequest) -> tuple[tuple[int, ...], ...]:
