@@ -141,5 +141,5 @@ def _h2o_step(g: KVGroupSpec, positions: Tensor, starts: list[int], lens: list[i
         held = min(s, b) + n
         if n > 1 and held > b:
             j = torch.arange(held)
-            step.evictions.append((table[i, j // bs] * bs + j % bs, torch.tensor([s + n - 1])))
+            step.evictions.append(((table[i, j // bs] * bs + j % bs)[None], torch.tensor([s + n - 1])))
     return step

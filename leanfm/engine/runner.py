@@ -13,7 +13,7 @@ computed only for the last row of the chunks that need a sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ class ModelRunner:
         self.caches, self.layer_group = self.cache.layers, self.cache.layer_group
         self._check_windows()
         self.states: dict[str, SamplingState] = {}
+        # called as hook(chunks, hidden (1, T, hidden)) after each forward, chunks in row order (decodes
+        # first): how long-context perplexity scores every token that goes through the cache
+        self.hidden_hook: Callable[[list[ScheduledChunk], Tensor], None] | None = None
 
     def _check_windows(self) -> None:
         for m in self.model.modules():
@@ -78,6 +81,8 @@ class ModelRunner:
         with torch.inference_mode():
             input_ids, positions, meta = self._prepare(chunks)
             hidden = self.model(input_ids, positions, meta)  # (1, T, hidden)
+            if self.hidden_hook is not None:
+                self.hidden_hook(chunks, hidden)
             if not rows:
                 return EMPTY_RUNNER_OUTPUT
             last = hidden[0, rows[0]:rows[-1] + 1] if rows[-1] - rows[0] == len(rows) - 1 else hidden[0, rows]
