@@ -179,6 +179,8 @@ def bench_cmd(
     repeats: Annotated[int, typer.Option(help="timed runs per measurement (after warm-up)")] = 3,
     warmup: Annotated[int, typer.Option(help="untimed runs first")] = 1,
     no_quality: Annotated[bool, typer.Option("--no-quality", help="skip the quick perplexity")] = False,
+    concurrency: Annotated[str | None, typer.Option(help="also serve N concurrent requests through the engine "
+                                                         "for each N, comma-separated (e.g. 1,4,16)")] = None,
     threads: ThreadsOpt = 0,
     dtype: DtypeOpt = "float32",
     seed: SeedOpt = 0,
@@ -192,6 +194,9 @@ def bench_cmd(
     torch_dtype, dtype_name = setup_torch(threads, dtype, seed)
     cfg = CostConfig(prefill_lengths=_int_list(prefill, "--prefill"), decode_batches=_int_list(batches, "--batches"),
                      decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
+    levels = _int_list(concurrency, "--concurrency") if concurrency is not None else ()
+    if any(n < 1 for n in levels):
+        raise LeanfmError(f"--concurrency takes positive integers, e.g. --concurrency 1,4,16; got {concurrency!r}")
     loaded = load_for_inference(model, torch_dtype)
     files = find_weights(loaded.path)
     prov = provenance(model, dtype_name, files, dataset=None if no_quality else "wiki",
@@ -203,6 +208,9 @@ def bench_cmd(
             ctx = min(QUICK_CTX, loaded.model.config.max_position_embeddings)
             quality["perplexity"] = _perplexity(loaded, "wiki", ctx, None, QUICK_WINDOWS * (ctx - 1))
         cost = measure_cost(loaded.model, loaded.tokenizer, cfg, weight_files=files, progress=True)
+        if levels:
+            cost["concurrency"] = _mod("serving").measure_concurrency(
+                loaded.model, loaded.tokenizer, levels, cfg.decode_prompt_tokens, decode_tokens)
     except KeyboardInterrupt:
         typer.echo("interrupted; no record written", err=True)
         raise typer.Exit(130) from None
@@ -253,6 +261,12 @@ def format_bench(record: Any) -> str:
     rows.append(("TTFT", f"{ttft['median'] * 1e3:.1f} ms at {ttft['prompt_tokens']} prompt tokens"))
     if tpot:
         rows.append(("TPOT", f"{tpot['median'] * 1e3:.1f} ms per output token (B=1)"))
+    for n, r in (c.get("concurrency") or {}).items():
+        tpot = r["tpot_seconds"]
+        rows.append((f"serve N={n}", f"{r['output_tokens_per_second']:9.1f} tok/s out, "
+                                     f"{r['total_tokens_per_second']:.1f} tok/s total; TTFT median "
+                                     f"{r['ttft_seconds']['median'] * 1e3:.1f} ms, TPOT median "
+                                     + (f"{tpot['median'] * 1e3:.1f} ms" if tpot else "—")))
     m = c["memory"]
     rows.append(("memory", f"model {_bytes(m['model_bytes'])} in memory, {_bytes(m['disk_bytes'])} on disk; "
                            f"peak RSS {_bytes(m['peak_rss_bytes'])}"))

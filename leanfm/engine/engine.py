@@ -12,6 +12,7 @@ Single-threaded; AsyncLLM runs it on a background thread, LLM drives it inline.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -41,15 +42,19 @@ class EngineCore:
         if config.dtype != "auto" and getattr(torch, config.dtype) != dtype:
             raise EngineConfigError(f"the model's weights are {str(dtype).removeprefix('torch.')} but dtype="
                                     f"{config.dtype!r}; pass dtype='auto' or load the model in {config.dtype}")
-        groups = plan_kv_groups(mc, config, dtype.itemsize, self.max_model_len)
-        self.kv = KVCacheManager(groups, config.block_size, config.enable_prefix_caching)
+        kv_dtype = dtype if config.kv_cache_dtype == "auto" else getattr(torch, config.kv_cache_dtype)
+        groups = plan_kv_groups(mc, config, kv_dtype.itemsize, self.max_model_len)
+        # a compressed cache's content depends on what was evicted, not on the tokens alone: no prefix cache
+        self.kv = KVCacheManager(groups, config.block_size, config.enable_prefix_caching and not config.compressed)
         self.scheduler = Scheduler(config, self.kv)
         spec = None
         if config.speculative is not None:
             from leanfm.engine.spec.factory import build_spec_decoder
 
             spec = build_spec_decoder(config.speculative, model, groups, config, self.max_model_len)
-        self.runner = ModelRunner(model, groups, config.block_size, spec)
+        self.runner = ModelRunner(model, groups, config.block_size, kv_dtype, spec)
+        # how long a sequence may grow: the context, or unbounded when its cache is bounded
+        self.max_seq_len = sys.maxsize if config.compressed else self.max_model_len
         self.default_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", None) or mc.eos_token_id)
         self.num_generated_tokens = 0
         self._next_id = itertools.count()
@@ -64,12 +69,12 @@ class EngineCore:
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise ContextLengthError("the prompt is empty after tokenization; give a non-empty prompt")
-        if len(ids) >= self.max_model_len:
+        if len(ids) >= self.max_seq_len:
             raise ContextLengthError(f"prompt has {len(ids)} tokens but the context holds {self.max_model_len}; "
                                      "shorten the prompt (or raise max_model_len if the model supports it)")
         if params.stop and self.tokenizer is None:
             raise LeanfmError("stop strings need a tokenizer; give the engine one or use stop_token_ids")
-        total = min(len(ids) + params.max_tokens, self.max_model_len)
+        total = min(len(ids) + params.max_tokens, self.max_seq_len)
         need = self.kv.max_blocks_needed(total, self.config.max_num_batched_tokens)
         for g, n, pool in zip(self.kv.groups, need, self.kv.pools, strict=True):
             if n > pool.num_usable:
@@ -81,7 +86,7 @@ class EngineCore:
         if self.tokenizer is not None:
             detok = self.tokenizer.stream_decoder(skip_special_tokens=params.skip_special_tokens)
         rid = str(next(self._next_id)) if request_id is None else str(request_id)
-        return Request(rid, ids, params, stop_token_ids=stop_ids, max_model_len=self.max_model_len,
+        return Request(rid, ids, params, stop_token_ids=stop_ids, max_model_len=self.max_seq_len,
                        detokenizer=detok, prompt=text, priority=priority, arrival_time=arrival_time)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:

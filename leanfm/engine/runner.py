@@ -2,92 +2,74 @@
 
     result = runner.execute(scheduler_output)   # SchedulerOutput -> RunnerOutput (sampled token ids)
 
-Per KV group one tensor (2, layers in group, num_blocks, block_size, Hkv, D) in the model's dtype; a
-layer's K and V caches are views into it. A step's chunks are flattened into input_ids/positions of
-shape (1, total tokens), single-token chunks (decodes) first. A PagedAttentionMeta, built once per step,
-carries one PagedAttentionPlan per group; every attention layer calls its `attend`, which writes the
-layer's new keys/values into their slots and attends through leanfm.ops.paged_attention. Logits are
-computed only for the rows that are sampled: the last row of a chunk that needs a sample, plus the k rows
-before it when the chunk ends with k draft tokens (speculative decoding: leanfm.engine.spec), which are
-verified here; the proposer then drafts the next tokens (spec.SpecDecoder.step).
+Per KV group one tensor (2, layers in group, num_blocks, block_size, Hkv, D) in the KV dtype (the
+model's, or int8 with scales; leanfm.engine.kv_cache); a layer's K and V caches are views into it. A
+step's chunks are flattened into input_ids/positions of shape (1, total tokens), single-token chunks
+(decodes) first. A PagedAttentionMeta (leanfm.engine.attn_meta), built once per step, carries one
+PagedAttentionPlan per group; every attention layer calls its `attend`, which writes the layer's new
+keys/values into their slots and attends through leanfm.ops.paged_attention. Logits are computed only
+for the rows that are sampled: the last row of a chunk that needs a sample, plus the k rows before it
+when the chunk ends with k draft tokens (speculative decoding: leanfm.engine.spec), which are verified
+here; the proposer then drafts the next tokens (spec.SpecDecoder.step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from leanfm.engine.attn_meta import PagedAttentionMeta, plan_step
 from leanfm.engine.kv.groups import KVGroupSpec
+from leanfm.engine.kv_cache import KVCacheTensors
 from leanfm.engine.messages import EMPTY_RUNNER_OUTPUT, RunnerOutput, ScheduledChunk, SchedulerOutput
 from leanfm.engine.sampler import SamplingState, new_sampling_state, sample_rows, sample_rows_with_logprobs
 from leanfm.engine.spec.verify import greedy_accept, verify_chunk
 from leanfm.ops.kernels import max_rows
-from leanfm.ops.paged_attention import (
-    PagedAttentionPlan,
-    pad_tables,
-    paged_attention,
-    plan_paged_attention,
-    write_kv,
-)
 
 if TYPE_CHECKING:
     from leanfm.engine.spec.decoder import SpecDecoder
 
 
-class PagedAttentionMeta:
-    """The attention hook the model's layers call (leanfm.models.blocks.Attention) for one step."""
-
-    __slots__ = ("caches", "layer_group", "plans")
-
-    def __init__(self, caches: list[tuple[Tensor, Tensor]], layer_group: list[int], plans: list[PagedAttentionPlan]):
-        self.caches, self.layer_group, self.plans = caches, layer_group, plans
-
-    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None,
-               softcap: float | None) -> Tensor:
-        """q (1, H, T, D), k/v (1, Hkv, T, D) of the flattened step -> (1, H, T, D). The window is the
-        layer's; the group plan was built with the same one (checked when the runner is built)."""
-        k_cache, v_cache = self.caches[layer_idx]
-        plan = self.plans[self.layer_group[layer_idx]]
-        write_kv(k_cache, v_cache, k, v, plan.slot_mapping)
-        return paged_attention(q, k, v, k_cache, v_cache, plan, scale, softcap)
-
-
 class ModelRunner:
-    def __init__(self, model: nn.Module, groups: Sequence[KVGroupSpec], block_size: int, spec: SpecDecoder | None = None):
+    def __init__(self, model: nn.Module, groups: Sequence[KVGroupSpec], block_size: int,
+                 kv_dtype: torch.dtype | None = None, spec: SpecDecoder | None = None):
         cfg = model.config
         param = next(model.parameters())
         self.model, self.groups, self.block_size = model, tuple(groups), block_size
         self.device, self.dtype = param.device, param.dtype
         self.vocab_size = cfg.vocab_size
-        self.kv_tensors: list[Tensor] = []
-        self.caches: list[tuple[Tensor, Tensor]] = [None] * cfg.num_hidden_layers  # type: ignore[list-item]
-        self.layer_group = [0] * cfg.num_hidden_layers
-        for gi, g in enumerate(self.groups):
-            shape = (2, len(g.layers), g.num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-            t = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.kv_tensors.append(t)
-            for j, layer in enumerate(g.layers):
-                self.caches[layer] = (t[0, j], t[1, j])
-                self.layer_group[layer] = gi
+        self.cache = KVCacheTensors(self.groups, block_size, cfg, kv_dtype or self.dtype, self.device)
+        self.caches, self.layer_group = self.cache.layers, self.cache.layer_group
         self._check_windows()
         self.states: dict[str, SamplingState] = {}
         self.spec = spec  # speculative decoding: token histories, the proposer, draft distributions
+        # called as hook(chunks, hidden (1, T, hidden)) after each forward, chunks in row order (decodes
+        # first): how long-context perplexity scores every token that goes through the cache
+        self.hidden_hook: Callable[[list[ScheduledChunk], Tensor], None] | None = None
 
     def _check_windows(self) -> None:
         for m in self.model.modules():
             if hasattr(m, "layer_idx") and hasattr(m, "window") and hasattr(m, "head_dim"):
                 group = self.groups[self.layer_group[m.layer_idx]]
-                if group.window != m.window:
+                if group.model_window != m.window:
                     raise ValueError(f"layer {m.layer_idx} has window {m.window} but sits in KV group "
                                      f"{group.name!r} (window {group.window}); the model config disagrees "
                                      "with its layers")
 
     @property
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv_tensors)
+        """Every byte of the KV cache (codes, int8 scales, h2o positions and scores)."""
+        return self.cache.nbytes
+
+    def _inv_freq(self, layer: int) -> Tensor:
+        """The RoPE inverse frequencies of a layer (StreamingLLM re-rotates its sink keys with them)."""
+        tables, keys = getattr(self.model, "_inv_freq", None), getattr(self.model, "_layer_rope", None)
+        if tables is None or keys is None:
+            raise ValueError("kv_compression='streaming' needs a leanfm decoder (its per-layer RoPE tables)")
+        return tables[keys[layer]]
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         self._update_states(sched)
@@ -134,6 +116,8 @@ class ModelRunner:
         The KV of every token is written."""
         input_ids, positions, meta = self._prepare(chunks)
         hidden = self.model(input_ids, positions, meta)  # (1, T, hidden)
+        if self.hidden_hook is not None:
+            self.hidden_hook(chunks, hidden)
         if not rows:
             return None
         if rows[-1] - rows[0] == len(rows) - 1:  # contiguous: a view
@@ -184,11 +168,9 @@ class ModelRunner:
             row_req = torch.repeat_interleave(torch.arange(len(chunks)), lens_t)
             first_row = torch.cumsum(lens_t, 0) - lens_t
             positions = torch.tensor(starts, dtype=torch.long)[row_req] + torch.arange(len(tokens)) - first_row[row_req]
-        plans = []
-        for gi, g in enumerate(self.groups):
-            table = pad_tables([c.block_tables[gi] for c in chunks])
-            plans.append(plan_paged_attention(positions, row_req, starts, lens, table, self.block_size, g.window))
+        meta = plan_step(chunks, positions, row_req, self.cache, self.groups, self.block_size, self._inv_freq,
+                         self.dtype)
         if self.device.type != "cpu":
             input_ids, positions = input_ids.to(self.device), positions.to(self.device)
-            plans = [p.to(self.device) for p in plans]
-        return input_ids, positions.view(1, -1), PagedAttentionMeta(self.caches, self.layer_group, plans)
+            meta.plans = [p.to(self.device) for p in meta.plans]
+        return input_ids, positions.view(1, -1), meta

@@ -175,6 +175,22 @@ def test_bench_no_quality_and_bad_options(model_dir, fakes, tmp_path):
         assert isinstance(r.exception, LeanfmError) and flag in str(r.exception), r.exception
 
 
+def test_bench_concurrency_sweep(model_dir, fakes, tmp_path):
+    out = tmp_path / "conc.json"
+    r = run("bench", "-m", model_dir, "--prefill", "8", "--batches", "1", "--decode-tokens", "3", "--repeats", "1",
+            "--warmup", "0", "--no-quality", "--concurrency", "1,3", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert "serve N=1" in r.output and "serve N=3" in r.output and "TTFT median" in r.output
+    sweep = load_record(out).cost["concurrency"]
+    assert set(sweep) == {"1", "3"}
+    for n, level in sweep.items():
+        assert level["requests"] == int(n) and level["output_tokens"] == 3 * int(n)
+        assert level["output_tokens_per_second"] > 0 and level["total_tokens_per_second"] > level["output_tokens_per_second"]
+        assert level["ttft_seconds"]["median"] > 0 and level["tpot_seconds"]["median"] > 0
+    r = run("bench", "-m", model_dir, "--concurrency", "0,2")
+    assert isinstance(r.exception, LeanfmError) and "--concurrency" in str(r.exception)
+
+
 def test_report_command(model_dir, fakes, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     for path, dtype in ((a, "float32"), (b, "bfloat16")):

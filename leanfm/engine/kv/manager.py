@@ -10,7 +10,11 @@ Protocol, as the scheduler uses it each step:
     kv.free(req)                                    # finished, aborted or preempted
 
 The sliding-window group keeps only the blocks the next queries can see: before each allocation it
-drops blocks whose every position is older than `window` tokens before the first new token.
+drops blocks whose every position is older than `window` tokens before the first new token. A
+streaming group (StreamingLLM) does the same but never drops its first blocks, which hold the sinks.
+An h2o group's table covers slots, not positions: min(computed, budget) resident tokens plus the
+step's new ones; the runner evicts back to the budget after each step, and the next allocation frees
+the blocks past what the request then needs.
 
 A prefix hit of n blocks needs, in every full group, the n blocks of the prefix, and in a sliding
 group only the blocks covering the last `window - 1` positions of the prefix (older entries of its
@@ -132,22 +136,41 @@ class KVCacheManager:
             tables = t.tables
         else:
             tables = [list(b) for b in prefix.blocks] if prefix.blocks else [[] for _ in self.groups]
-        end_block = math.ceil((num_computed + num_new) / self.block_size)
-        for table, pool in zip(tables, self.pools, strict=True):
+        ends = [self._end_block(g, num_computed, num_new) for g in self.groups]
+        if t is not None:
+            self._trim(t, ends)
+        for table, pool, end_block in zip(tables, self.pools, ends, strict=True):
             revived = 0 if t is not None else sum(1 for b in table if b != NULL_BLOCK and pool.is_free(b))
             if end_block - len(table) + revived > pool.num_free:
                 return False
         if t is None:
             for table, pool in zip(tables, self.pools, strict=True):
                 pool.touch(table)  # before allocating, so that no hit block gets evicted
-            first = [self._first_needed(num_computed, g.window) if g.window else 0 for g in self.groups]
+            first = [max(self._first_needed(num_computed, g.window), self._sink_blocks(g)) if g.window else 0
+                     for g in self.groups]
             t = self._reqs[req.request_id] = _Tables(tables, prefix.num_tokens // self.block_size, first)
             self.prefix_queries += len(req.all_token_ids) if self.enable_prefix_caching else 0
             self.prefix_hits += prefix.num_tokens
-        for table, pool in zip(t.tables, self.pools, strict=True):
+        for table, pool, end_block in zip(t.tables, self.pools, ends, strict=True):
             if end_block > len(table):
                 table.extend(pool.allocate(end_block - len(table)))
         return True
+
+    def _end_block(self, g: KVGroupSpec, num_computed: int, num_new: int) -> int:
+        """Table length a group needs for num_new tokens after num_computed (h2o: in slots)."""
+        if g.budget is not None:
+            num_computed = min(num_computed, g.budget)
+        return math.ceil((num_computed + num_new) / self.block_size)
+
+    def _sink_blocks(self, g: KVGroupSpec) -> int:
+        return math.ceil(g.sinks / self.block_size)
+
+    def _trim(self, t: _Tables, ends: list[int]) -> None:
+        """h2o: free the blocks past what the request needs now (last step's evicted new tokens)."""
+        for g, table, pool, end in zip(self.groups, t.tables, self.pools, ends, strict=True):
+            if g.budget is not None and len(table) > end:
+                pool.free(reversed(table[end:]))
+                del table[end:]
 
     def _drop_out_of_window(self, t: _Tables, num_computed: int) -> None:
         for g, (group, table, pool) in enumerate(zip(self.groups, t.tables, self.pools, strict=True)):
@@ -196,5 +219,9 @@ class KVCacheManager:
         out = []
         for g in self.groups:
             full = math.ceil(num_tokens / bs)
-            out.append(full if g.window is None else min(full, math.ceil((g.window + max_chunk) / bs) + 1))
+            if g.budget is not None:
+                full = min(full, math.ceil((g.budget + max_chunk) / bs))
+            elif g.window is not None:
+                full = min(full, self._sink_blocks(g) + math.ceil((g.window + max_chunk) / bs) + 1)
+            out.append(full)
         return out
