@@ -198,12 +198,14 @@ def _fmt_bytes(n: float) -> str:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The side-by-side table (plain text)."""
     base = rows[0]
-    head = f"{'variant':<16}{'bits/w':>8}{'disk':>10}{'ppl':>10}{'Δppl':>9}{'decode tok/s':>14}{'speed-up':>10}"
+    head = f"{'variant':<19}{'bits/w':>8}{'disk':>10}{'ppl':>10}{'Δppl':>9}{'decode tok/s':>14}{'speed-up':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        dppl = 100 * (r["ppl"] / base["ppl"] - 1)
-        lines.append(f"{r['variant']:<16}{r['bits_per_weight']:>8.2f}{_fmt_bytes(r['disk_bytes']):>10}"
-                     f"{r['ppl']:>10.3f}{dppl:>+8.1f}%{r['decode_tok_s']:>14.1f}"
+        ratio = r["ppl"] / base["ppl"]
+        ppl = f"{r['ppl']:.3f}" if r["ppl"] < 1e4 else f"{r['ppl']:.2e}"
+        dppl = f"{100 * (ratio - 1):+.1f}%" if ratio < 100 else f"{ratio:.1e}x"
+        lines.append(f"{r['variant']:<19}{r['bits_per_weight']:>8.2f}{_fmt_bytes(r['disk_bytes']):>10}"
+                     f"{ppl:>10}{dppl:>9}{r['decode_tok_s']:>14.1f}"
                      f"{r['decode_tok_s'] / base['decode_tok_s']:>9.2f}x")
     return "\n".join(lines)
 
