@@ -103,14 +103,14 @@ def _method(peft: dict[str, Any], meta: dict[str, Any] | None, path: Path) -> No
     saved = ((meta or {}).get("config") or {}).get("method")
     kind = peft.get("peft_type")
     if saved is not None and saved not in ("lora", "qlora"):
-        raise LoraAdapterError(f"{path}: a {saved} adapter is not a plain LoRA delta, so it cannot be served beside "
-                               f"others; {MERGED_HINT}")
+        raise LoraAdapterError(f"{path}: this is a {saved} adapter, not a plain LoRA delta, so it cannot be served "
+                               f"beside others; {MERGED_HINT}")
     if kind != "LORA":
         name = str(kind).removeprefix("LEANFM_").lower()
-        raise LoraAdapterError(f"{path}: a {name} adapter (peft_type {kind}) is not a plain LoRA delta, so it cannot "
-                               f"be served beside others; {MERGED_HINT}")
+        raise LoraAdapterError(f"{path}: this is a {name} adapter (peft_type {kind}), not a plain LoRA delta, so it "
+                               f"cannot be served beside others; {MERGED_HINT}")
     if peft.get("use_dora"):
-        raise LoraAdapterError(f"{path}: a DoRA adapter (use_dora) is not a plain LoRA delta; {MERGED_HINT}")
+        raise LoraAdapterError(f"{path}: this is a dora adapter (use_dora), not a plain LoRA delta; {MERGED_HINT}")
     for key in ("modules_to_save", "trainable_token_indices", "rank_pattern", "alpha_pattern"):
         if peft.get(key):
             raise LoraAdapterError(f"{path}: adapters with {key} are not supported for multi-LoRA serving; "

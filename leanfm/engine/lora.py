@@ -4,7 +4,7 @@
     core.add_request(prompt, params, adapter="sql")      # this request's rows get the sql adapter's delta
     core.unload_adapter("sql")                           # refused while a request uses it
 
-Each load gets a new integer id (never reused): requests and the runner's per-step row groups carry the
+Each load gets a new integer id (never reused on that model): requests and the runner's per-step row groups carry the
 id, the model's host layers key their factors by it (leanfm.models.multi_lora), and the prefix cache
 seeds a request's block-hash chain with "<name>#<id>", so KV computed under one adapter is never served
 to a request for another one, nor for the same name loaded again from other weights.
@@ -12,14 +12,13 @@ to a request for another one, nor for the same name loaded again from other weig
 
 from __future__ import annotations
 
-import itertools
 import re
 from dataclasses import dataclass
 
 from torch import nn
 
 from leanfm.checkpoint.lora_adapter import read_lora_adapter
-from leanfm.models.multi_lora import install_lora, remove_lora
+from leanfm.models.multi_lora import install_lora, lora_state, remove_lora
 from leanfm.utils.errors import LeanfmError
 
 __all__ = ["AdapterInfo", "LoraRegistry"]
@@ -48,7 +47,6 @@ class LoraRegistry:
     def __init__(self, model: nn.Module):
         self.model = model
         self.adapters: dict[str, AdapterInfo] = {}
-        self._ids = itertools.count(1)
 
     def load(self, name: str, path: str) -> AdapterInfo:
         """Read, check and install the adapter at `path` under `name`; nothing changes when it fails."""
@@ -59,7 +57,7 @@ class LoraRegistry:
             raise LeanfmError(f"an adapter named {name!r} is already loaded; unload it first or choose another name")
         adapter = read_lora_adapter(path)
         factors = adapter.factors_for(self.model)
-        lora_id = next(self._ids)
+        lora_id = lora_state(self.model).new_id()  # unique per model, even across engines sharing it
         install_lora(self.model, lora_id, factors)
         info = AdapterInfo(name, lora_id, str(adapter.path), adapter.r, adapter.scaling, len(factors))
         self.adapters = {**self.adapters, name: info}

@@ -37,6 +37,11 @@ class MultiLoraState:
 
     def __init__(self) -> None:
         self.groups: tuple[RowGroup, ...] = ()
+        self.last_id = 0  # ids are handed out per model (several engines may share one model)
+
+    def new_id(self) -> int:
+        self.last_id += 1
+        return self.last_id
 
 
 class MultiLoraHost:
