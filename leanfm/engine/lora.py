@@ -21,9 +21,15 @@ from leanfm.checkpoint.lora_adapter import read_lora_adapter
 from leanfm.models.multi_lora import install_lora, lora_state, remove_lora
 from leanfm.utils.errors import LeanfmError
 
-__all__ = ["AdapterInfo", "LoraRegistry"]
+__all__ = ["AdapterInfo", "LoraRegistry", "check_adapter_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,127}$")
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise LeanfmError(f"adapter name {name!r} must be 1-128 letters, digits or _ . : / - (not starting "
+                          "with a punctuation mark)")
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,7 @@ class LoraRegistry:
 
     def load(self, name: str, path: str) -> AdapterInfo:
         """Read, check and install the adapter at `path` under `name`; nothing changes when it fails."""
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise LeanfmError(f"adapter name {name!r} must be 1-128 letters, digits or _ . : / - (not starting "
-                              "with a punctuation mark)")
+        check_adapter_name(name)
         if name in self.adapters:
             raise LeanfmError(f"an adapter named {name!r} is already loaded; unload it first or choose another name")
         adapter = read_lora_adapter(path)
