@@ -63,6 +63,10 @@ class MultiLoraHost:
         segmented_lora_add_(out2, x.reshape(-1, x.shape[-1]), pairs)
         return out2.view(out.shape)
 
+    def lora_idle(self) -> bool:
+        """True when this step adds nothing here (the base forward alone is the output)."""
+        return not any(g.lora_id in self.lora_factors for g in self.lora_state.groups)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", lora_ids={sorted(self.lora_factors)}"
 

@@ -86,6 +86,22 @@ def test_one_batch_of_adapters_matches_each_adapter_alone(variant, llama, adapte
     assert [r.output_token_ids for r in reqs] == refs
 
 
+def test_fused_kernels_still_serve_each_adapter(adapters):
+    """With leanfm's kernels on (prepare_for_inference), a host layer with no rows this step runs fused as
+    its base form, one with rows runs its own forward."""
+    from leanfm.engine.runtime import prepare_for_inference
+
+    base = engine_model("llama")
+    prepared = prepare_for_inference(copy.deepcopy(base), fast_kernels=True)
+    prompts = [prompt_ids(9, 11), prompt_ids(15, 12), prompt_ids(5, 13)]
+    names = ["A", None, "B"]
+    llm = LLM(prepared, adapters={"A": adapters["A"], "B": adapters["B"]})
+    outs = llm.generate(prompts, GREEDY, adapter=names)
+    assert [o.token_ids for o in outs] == [offline(base, adapters[a] if a else None, p)
+                                           for p, a in zip(prompts, names, strict=True)]
+    assert llm.generate(prompts[1], GREEDY)[0].token_ids == outs[1].token_ids
+
+
 def test_llm_api_and_per_prompt_adapters(llama, adapters):
     prompts = [prompt_ids(12, 5), prompt_ids(12, 5), prompt_ids(12, 5)]
     llm = LLM(llama, adapters={"A": adapters["A"], "B": adapters["B"]})
@@ -133,6 +149,19 @@ def test_prefix_cache_is_not_shared_across_adapters(llama, adapters):
     llm.load_adapter("A", adapters["B"])
     out = llm.generate(prompt, GREEDY, adapter="A")[0]
     assert out.metrics.num_cached_tokens == 0 and out.token_ids == offline(llama, adapters["B"], prompt)
+
+
+def test_pissa_and_qlora_saves_serve_as_plain_lora(llama, tmp_path):
+    """leanfm saves PiSSA as a rank-2r delta over the original base and QLoRA as plain LoRA: both serve."""
+    from leanfm.tune import QLoraConfig
+
+    pissa = make_adapter(llama, tmp_path / "pissa", 5, LoraConfig(r=2, alpha=4, init="pissa"))
+    qlora = make_adapter(llama, tmp_path / "qlora", 6, QLoraConfig(r=2, alpha=4, head_bits=None))
+    prompt = prompt_ids(13, 10)
+    llm = LLM(llama, adapters={"p": pissa, "q": qlora})
+    assert llm.adapters["p"].r == 4
+    outs = llm.generate([prompt, prompt], GREEDY, adapter=["p", "q"])
+    assert [o.token_ids for o in outs] == [offline(llama, pissa, prompt), offline(llama, qlora, prompt)]
 
 
 def test_quantized_base(llama, adapters):
