@@ -102,6 +102,19 @@ def test_fused_kernels_still_serve_each_adapter(adapters):
     assert llm.generate(prompts[1], GREEDY)[0].token_ids == outs[1].token_ids
 
 
+@pytest.mark.parametrize("spec", [{"method": "ngram", "num_speculative_tokens": 3},
+                                  {"method": "layer_skip", "skip_layers": (1,), "num_speculative_tokens": 2}])
+def test_speculative_decoding_verifies_with_the_adapter(adapters, spec):
+    """Drafts come from the base (n-grams, or the base's own layers); verification runs the adapter, so the
+    output is still the adapter's."""
+    base = engine_model("llama")
+    prompt = [1, *([7, 8, 9, 10] * 5)]  # repetitive: the n-gram proposer has something to propose
+    llm = LLM(base, adapters={"A": adapters["A"]}, speculative=spec)
+    outs = llm.generate([prompt, prompt], GREEDY, adapter=["A", None])
+    assert [o.token_ids for o in outs] == [offline(base, adapters["A"], prompt), offline(base, None, prompt)]
+    assert llm.stats().spec_verify_steps > 0
+
+
 def test_llm_api_and_per_prompt_adapters(llama, adapters):
     prompts = [prompt_ids(12, 5), prompt_ids(12, 5), prompt_ids(12, 5)]
     llm = LLM(llama, adapters={"A": adapters["A"], "B": adapters["B"]})
