@@ -3,6 +3,12 @@
     leanfm serve --model gemma-3-270m --port 8000 --max-num-seqs 16
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
+    leanfm serve --model gemma-3-270m --lora sql=out/lora-sql --lora chat=out/lora-chat
+    curl localhost:8000/v1/completions -d '{"model": "sql", "prompt": "..."}'   # that adapter's answer
+
+Several LoRA adapters run over the one base in the same batches; the request's `model` picks one (the
+served model's name: none). --adapter DIR instead merges one adapter of any kind into the base.
+
 Every check that can fail on a flag runs before the model loads; SIGTERM / Ctrl-C drain and exit 0.
 """
 
@@ -13,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from leanfm.cli_common import DtypeOpt, ModelOpt, ThreadsOpt, load_for_inference, setup_torch
+from leanfm.cli_common import AdapterOpt, DtypeOpt, ModelOpt, ThreadsOpt, load_for_inference, setup_torch
 from leanfm.utils.errors import LeanfmError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -38,6 +44,11 @@ def serve_cmd(
     access_log: Annotated[bool, typer.Option(help="log every request")] = False,
     threads: ThreadsOpt = 0,
     dtype: DtypeOpt = "float32",
+    lora: Annotated[list[str] | None, typer.Option(help="NAME=DIR: serve LoRA adapter DIR as model NAME beside the "
+                                                        "base (repeatable)")] = None,
+    allow_runtime_lora: Annotated[bool, typer.Option(help="enable POST /v1/load_lora_adapter and "
+                                                          "/v1/unload_lora_adapter")] = False,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
     from leanfm.engine.config import EngineConfig
@@ -54,6 +65,7 @@ def serve_cmd(
                    max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
                    kv_memory_bytes=None if kv_cache_mib is None else kv_cache_mib << 20)
     EngineConfig(**options)  # flag errors before the model loads
+    adapters = parse_loras(lora or [], served_model_name or model)
     try:
         from leanfm.server.run import check_port, serve
     except ImportError as e:
@@ -61,12 +73,33 @@ def serve_cmd(
 
     check_port(host, port)
     torch_dtype, _ = setup_torch(threads, dtype, None)
-    loaded = load_for_inference(model, torch_dtype)
+    loaded = load_for_inference(model, torch_dtype, adapter, for_generation=True)
     from leanfm.engine.async_llm import AsyncLLM
 
-    llm = AsyncLLM(loaded.model, loaded.tokenizer, **options)
+    llm = AsyncLLM(loaded.model, loaded.tokenizer, adapters, **options)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     logging.getLogger("leanfm.server").info("leanfm serve: %s on http://%s:%d (engine %s, max_queue %d)",
                                             served_model_name or model, host, port, options, max_queue)
     serve(llm, served_model_name or model, host=host, port=port, api_key=api_key, max_queue=max_queue,
-          shutdown_timeout=shutdown_timeout, log_level=log_level, access_log=access_log)
+          shutdown_timeout=shutdown_timeout, log_level=log_level, access_log=access_log,
+          allow_runtime_lora=allow_runtime_lora)
+
+
+def parse_loras(specs: list[str], base_name: str) -> dict[str, str]:
+    """--lora NAME=DIR flags -> {name: dir}, each adapter read and checked to be a plain LoRA (before the
+    model loads; its fit to the model is checked once it has)."""
+    from leanfm.checkpoint.lora_adapter import read_lora_adapter
+    from leanfm.engine.lora import check_adapter_name
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LeanfmError(f"--lora takes NAME=DIR, got {spec!r}")
+        if name in out or name == base_name:
+            raise LeanfmError(f"--lora name {name!r} is used twice (or is the served model's name); give each "
+                              "adapter its own name")
+        check_adapter_name(name)
+        read_lora_adapter(path)
+        out[name] = path
+    return out

@@ -8,9 +8,13 @@
         ...
     llm.shutdown()
 
-Only the engine thread touches the engine. Callers hand it commands (add, abort) through a locked
-queue and get outputs back through their event loop (call_soon_threadsafe into an asyncio.Queue).
-A caller that stops iterating early aborts its request.
+Only the engine thread touches the engine. Callers hand it commands (add, abort, load / unload a LoRA
+adapter) through a locked queue and get outputs back through their event loop (call_soon_threadsafe
+into an asyncio.Queue). A caller that stops iterating early aborts its request.
+
+LoRA adapters: `AsyncLLM(model, adapters={"sql": path})`, `generate(..., adapter="sql")`, and at run time
+`llm.load_adapter(name, path)` / `llm.unload_adapter(name)` (blocking until the engine thread has done
+it, between two steps; call them from a worker thread in async code).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import dataclasses
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from leanfm.engine.llm import build_engine
+from leanfm.engine.lora import AdapterInfo
 from leanfm.engine.params import SamplingParams
 from leanfm.engine.request import RequestOutput
 from leanfm.engine.stats import EngineStats
@@ -33,8 +39,9 @@ _Sink = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 
 
 class AsyncLLM:
-    def __init__(self, model: Any = "gemma-3-270m", tokenizer: Any = None, **engine_options: Any):
-        self.engine = build_engine(model, tokenizer, **engine_options)
+    def __init__(self, model: Any = "gemma-3-270m", tokenizer: Any = None, adapters: Mapping[str, str] | None = None,
+                 **engine_options: Any):
+        self.engine = build_engine(model, tokenizer, adapters, **engine_options)
         self.tokenizer = self.engine.tokenizer
         self._cv = threading.Condition()
         self._commands: deque[tuple[str, Any, Any]] = deque()  # guarded by _cv
@@ -47,10 +54,12 @@ class AsyncLLM:
 
     # ---------------------------------------------------------------- caller side
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0, adapter: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yield a RequestOutput whenever the request gets tokens (.new_text is the delta); the last one
-        has a finish_reason. Bad input raises LeanfmError before anything is yielded."""
-        req = self.engine.make_request(prompt, params, request_id, priority)
+        has a finish_reason. Bad input raises LeanfmError before anything is yielded. `adapter` names a
+        loaded LoRA adapter (None: the base model)."""
+        req = self.engine.make_request(prompt, params, request_id, priority, adapter=adapter)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         with self._cv:
             self._check_alive()
@@ -72,7 +81,7 @@ class AsyncLLM:
                 self.abort(req.request_id)
 
     async def generate_many(self, prompt: str | Sequence[int], params: SamplingParams | None = None, n: int = 1,
-                            request_id: str | None = None, priority: int = 0
+                            request_id: str | None = None, priority: int = 0, adapter: str | None = None
                             ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """n samples of one prompt as n requests ("<id>-<i>"), merged into one stream of (i, output).
 
@@ -84,7 +93,7 @@ class AsyncLLM:
         params = SamplingParams() if params is None else params
         base = uuid.uuid4().hex[:16] if request_id is None else str(request_id)
         ids = [f"{base}-{i}" for i in range(n)]
-        first = self.generate(prompt, params, ids[0], priority)
+        first = self.generate(prompt, params, ids[0], priority, adapter)
         queue: asyncio.Queue = asyncio.Queue()
         tasks: list[asyncio.Task] = []
         done = 0
@@ -100,7 +109,7 @@ class AsyncLLM:
             tasks.append(asyncio.ensure_future(_pump(0, first, queue)))
             for i in range(1, n):
                 seed = None if params.seed is None else params.seed + i
-                stream = self.generate(prompt, dataclasses.replace(params, seed=seed), ids[i], priority)
+                stream = self.generate(prompt, dataclasses.replace(params, seed=seed), ids[i], priority, adapter)
                 tasks.append(asyncio.ensure_future(_pump(i, stream, queue)))
             while done < n:
                 i, item = await queue.get()
@@ -124,6 +133,30 @@ class AsyncLLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    # ---------------------------------------------------------------- LoRA adapters
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load a LoRA adapter on the engine thread (between steps); blocks until done, raises its error."""
+        return self._call(lambda: self.engine.load_adapter(name, path))
+
+    def unload_adapter(self, name: str) -> AdapterInfo:
+        """Unload a LoRA adapter on the engine thread; refused while a request uses it."""
+        return self._call(lambda: self.engine.unload_adapter(name))
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        """The loaded LoRA adapters by name (a snapshot, safe from any thread)."""
+        return self.engine.adapters
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._cv:
+            self._check_alive()
+            self._commands.append(("call", fn, future))
+            self._cv.notify()
+        return future.result()
 
     @property
     def is_running(self) -> bool:
@@ -161,8 +194,9 @@ class AsyncLLM:
                 stopped = self._stopped
             for kind, arg, sink in commands:
                 if kind == "add":
-                    self._sinks[arg.request_id] = sink
-                    self.engine.scheduler.add_request(arg)
+                    self._add(arg, sink)
+                elif kind == "call":
+                    _resolve(sink, arg)
                 else:
                     self._abort(arg)
             if stopped:
@@ -177,6 +211,14 @@ class AsyncLLM:
                     self._deliver(req.request_id, req.output())
         for req_id in list(self._sinks):
             self._abort(req_id)
+
+    def _add(self, req: Any, sink: _Sink) -> None:
+        self._sinks[req.request_id] = sink
+        if req.lora_id and not self.engine.lora.has_id(req.lora_id):  # unloaded since make_request
+            self._deliver(req.request_id, LeanfmError(f"adapter {req.adapter!r} was unloaded before the request "
+                                                      "started; load it again"))
+            return
+        self.engine.scheduler.add_request(req)
 
     def _abort(self, request_id: str) -> None:
         req = self.engine.abort(request_id)
@@ -201,8 +243,18 @@ class AsyncLLM:
         with self._cv:
             self._error = exc
             self._stopped = True
+            calls = [sink for kind, _, sink in self._commands if kind == "call"]
+        for future in calls:  # nobody will run them now
+            future.set_exception(LeanfmError(f"the engine failed: {exc!r}"))
         for req_id in list(self._sinks):
             self._deliver(req_id, LeanfmError(f"the engine failed: {exc!r}"))
+
+
+def _resolve(future: Future, fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # the caller gets it (LeanfmError for bad input)
+        future.set_exception(exc)
 
 
 async def _pump(index: int, stream: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:

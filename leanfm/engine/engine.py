@@ -7,6 +7,9 @@
             print(req.output().new_text)
 
 Single-threaded; AsyncLLM runs it on a background thread, LLM drives it inline.
+
+LoRA adapters (leanfm.engine.lora): `core.load_adapter(name, path)`, then `add_request(..., adapter=name)`;
+requests for different adapters (and the base) share every step.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 from leanfm.engine.config import EngineConfig, EngineConfigError
 from leanfm.engine.kv.groups import plan_kv_groups
 from leanfm.engine.kv.manager import KVCacheManager
+from leanfm.engine.lora import AdapterInfo, LoraRegistry
 from leanfm.engine.params import SamplingParams
 from leanfm.engine.request import Request
 from leanfm.engine.runner import ModelRunner
@@ -53,6 +57,7 @@ class EngineCore:
 
             spec = build_spec_decoder(config.speculative, model, groups, config, self.max_model_len)
         self.runner = ModelRunner(model, groups, config.block_size, kv_dtype, spec)
+        self.lora = LoraRegistry(model)
         # how long a sequence may grow: the context, or unbounded when its cache is bounded
         self.max_seq_len = sys.maxsize if config.compressed else self.max_model_len
         self.default_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", None) or mc.eos_token_id)
@@ -61,8 +66,11 @@ class EngineCore:
 
     # ---------------------------------------------------------------- requests
     def make_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0, arrival_time: float | None = None) -> Request:
-        """A validated Request (not yet added): bad input raises a one-line LeanfmError."""
+                     request_id: str | None = None, priority: int = 0, arrival_time: float | None = None,
+                     adapter: str | None = None) -> Request:
+        """A validated Request (not yet added): bad input raises a one-line LeanfmError. `adapter` names a
+        loaded LoRA adapter (None: the base model)."""
+        info = None if adapter is None else self.lora.get(adapter)
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise LeanfmError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
@@ -87,7 +95,9 @@ class EngineCore:
             detok = self.tokenizer.stream_decoder(skip_special_tokens=params.skip_special_tokens)
         rid = str(next(self._next_id)) if request_id is None else str(request_id)
         return Request(rid, ids, params, stop_token_ids=stop_ids, max_model_len=self.max_seq_len,
-                       detokenizer=detok, prompt=text, priority=priority, arrival_time=arrival_time)
+                       detokenizer=detok, prompt=text, priority=priority, arrival_time=arrival_time,
+                       adapter=adapter, lora_id=0 if info is None else info.lora_id,
+                       cache_salt=None if info is None else info.cache_salt)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -107,10 +117,31 @@ class EngineCore:
         return None, ids
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0, arrival_time: float | None = None) -> Request:
-        req = self.make_request(prompt, params, request_id, priority, arrival_time)
+                    request_id: str | None = None, priority: int = 0, arrival_time: float | None = None,
+                    adapter: str | None = None) -> Request:
+        req = self.make_request(prompt, params, request_id, priority, arrival_time, adapter)
         self.scheduler.add_request(req)
         return req
+
+    # ---------------------------------------------------------------- LoRA adapters
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load the LoRA adapter at `path` (PEFT layout) under `name`; LeanfmError when it is not a plain
+        LoRA, was made for another base model, or the name is taken."""
+        return self.lora.load(name, str(path))
+
+    def unload_adapter(self, name: str) -> AdapterInfo:
+        """Remove adapter `name`; refused while a request (waiting or running) uses it."""
+        info = self.lora.get(name)
+        users = [r.request_id for r in self.scheduler.requests.values() if r.lora_id == info.lora_id]
+        if users:
+            raise LeanfmError(f"adapter {name!r} is in use by {len(users)} request(s) ({', '.join(users[:3])}); "
+                              "unload it when they finish, or abort them first")
+        return self.lora.unload(name)
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        """The loaded LoRA adapters by name (a snapshot)."""
+        return self.lora.adapters
 
     def abort(self, request_id: str) -> Request | None:
         """Stop a request now and free its KV blocks; returns it (finished, reason "abort") or None."""

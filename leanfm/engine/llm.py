@@ -8,15 +8,22 @@
 `model` is an alias / .gguf / HF directory (loaded with load_model and prepared for inference), a
 LoadedModel, or a model module (then pass `tokenizer=`, or give token-id prompts). Engine options are
 EngineConfig fields.
+
+Several LoRA adapters over the one base, in the same batches (leanfm.engine.lora):
+
+    llm = LLM(model, adapters={"sql": "out/lora-sql", "chat": "out/lora-chat"})
+    llm.generate(["q1", "q2", "q3"], params, adapter=["sql", "chat", None])   # None = the base model
+    llm.load_adapter("math", "out/lora-math"); llm.unload_adapter("sql")
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from leanfm.engine.config import EngineConfig
 from leanfm.engine.engine import EngineCore
+from leanfm.engine.lora import AdapterInfo
 from leanfm.engine.params import SamplingParams
 from leanfm.engine.request import RequestOutput
 from leanfm.engine.stats import EngineStats
@@ -25,9 +32,13 @@ from leanfm.utils.errors import LeanfmError
 Prompt = str | Sequence[int]
 
 
-def build_engine(model: Any, tokenizer: Any = None, **engine_options: Any) -> EngineCore:
-    """An EngineCore from a model reference, a LoadedModel or a model module (see the module doc)."""
+def build_engine(model: Any, tokenizer: Any = None, adapters: Mapping[str, str] | None = None,
+                 **engine_options: Any) -> EngineCore:
+    """An EngineCore from a model reference, a LoadedModel or a model module (see the module doc), with
+    the LoRA adapters {name: path} loaded."""
     config = EngineConfig.from_options(**engine_options)
+    if adapters is not None and not isinstance(adapters, Mapping):
+        raise LeanfmError(f"adapters must map names to adapter directories, got {type(adapters).__name__}")
     if isinstance(model, str):
         import torch
 
@@ -40,7 +51,10 @@ def build_engine(model: Any, tokenizer: Any = None, **engine_options: Any) -> En
 
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         model = prepare_for_inference(model.model)
-    return EngineCore(model, tokenizer, config)
+    core = EngineCore(model, tokenizer, config)
+    for name, path in (adapters or {}).items():
+        core.load_adapter(name, path)
+    return core
 
 
 def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -53,17 +67,23 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 class LLM:
-    def __init__(self, model: Any = "gemma-3-270m", tokenizer: Any = None, **engine_options: Any):
-        self.engine = build_engine(model, tokenizer, **engine_options)
+    def __init__(self, model: Any = "gemma-3-270m", tokenizer: Any = None, adapters: Mapping[str, str] | None = None,
+                 **engine_options: Any):
+        self.engine = build_engine(model, tokenizer, adapters, **engine_options)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
-                 | None = None, use_tqdm: bool = False, priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in prompt order (each with .text, .token_ids, .metrics)."""
+                 | None = None, use_tqdm: bool = False, priority: Sequence[int] | None = None,
+                 adapter: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order (each with .text, .token_ids, .metrics).
+        `adapter`: a loaded LoRA adapter's name for every prompt, or one per prompt (None = the base)."""
         prompts = normalize_prompts(prompts)
         params = _per_prompt(sampling_params, len(prompts), "sampling_params")
         priorities = _per_prompt(priority, len(prompts), "priority", default=0)
-        reqs = [self.engine.make_request(p, sp, priority=pr) for p, sp, pr in zip(prompts, params, priorities, strict=True)]
+        names = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else \
+            _per_prompt(adapter, len(prompts), "adapter")
+        reqs = [self.engine.make_request(p, sp, priority=pr, adapter=a)
+                for p, sp, pr, a in zip(prompts, params, priorities, names, strict=True)]
         for req in reqs:
             self.engine.scheduler.add_request(req)
         bar = _progress(len(reqs)) if use_tqdm else None
@@ -84,9 +104,10 @@ class LLM:
                 bar.close()
         return [done[r.request_id] for r in reqs]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0) -> Iterator[RequestOutput]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0,
+               adapter: str | None = None) -> Iterator[RequestOutput]:
         """Generate for one prompt, yielding an output (with .new_text) whenever it gets tokens."""
-        req = self.engine.add_request(prompt, params, priority=priority)
+        req = self.engine.add_request(prompt, params, priority=priority, adapter=adapter)
         try:
             while not req.finished:
                 for r in self.engine.step():
@@ -98,6 +119,17 @@ class LLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load a LoRA adapter (PEFT layout) for requests to pick by name."""
+        return self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> AdapterInfo:
+        return self.engine.unload_adapter(name)
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        return self.engine.adapters
 
 
 def _per_prompt(value: Any, n: int, name: str, default: Any = None) -> list[Any]:

@@ -36,6 +36,7 @@ class ScheduledChunk:
     needs_logits: bool  # the chunk ends at the request's last known token: sample the next one
     num_draft_tokens: int = 0  # the chunk's last tokens are this many drafts to verify
     num_propose: int = 0  # after sampling, draft up to this many tokens for the next step
+    lora_id: int = 0  # the LoRA adapter its rows use (leanfm.engine.lora); 0 = the base model
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,7 +110,8 @@ class RequestOutput:
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                  stop_token_ids: frozenset[int] = frozenset(), max_model_len: int, detokenizer=None,
-                 prompt: str | None = None, priority: int = 0, arrival_time: float | None = None):
+                 prompt: str | None = None, priority: int = 0, arrival_time: float | None = None,
+                 adapter: str | None = None, lora_id: int = 0, cache_salt: str | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -125,6 +126,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.block_keys: list = []  # the KV manager's memo of block hashes (see kv.manager)
+        self.adapter, self.lora_id = adapter, lora_id  # the LoRA adapter it runs with (None / 0: the base)
+        self.cache_salt = cache_salt  # seeds its prefix-cache hash chain (KV differs per adapter)
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (speculative decoding)
         self.stop_token_ids = stop_token_ids
         self.max_output_tokens = min(params.max_tokens, max_model_len - len(prompt_token_ids))

@@ -11,6 +11,11 @@ keys/values into their slots and attends through leanfm.ops.paged_attention. Log
 for the rows that are sampled: the last row of a chunk that needs a sample, plus the k rows before it
 when the chunk ends with k draft tokens (speculative decoding: leanfm.engine.spec), which are verified
 here; the proposer then drafts the next tokens (spec.SpecDecoder.step).
+
+Multi-LoRA serving: a chunk's lora_id names the adapter its rows use (0 = none). Chunks are ordered by
+adapter within the decodes and within the rest, so each adapter's rows form at most two ranges; they go
+to the model's LoRA host layers (leanfm.models.multi_lora) as row groups for the one forward, and are
+cleared right after it (the draft model of speculative decoding runs the base).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from leanfm.engine.kv_cache import KVCacheTensors
 from leanfm.engine.messages import EMPTY_RUNNER_OUTPUT, RunnerOutput, ScheduledChunk, SchedulerOutput
 from leanfm.engine.sampler import SamplingState, new_sampling_state, sample_rows, sample_rows_with_logprobs
 from leanfm.engine.spec.verify import greedy_accept, verify_chunk
+from leanfm.models.multi_lora import RowGroup, lora_state
 from leanfm.ops.kernels import max_rows
 
 if TYPE_CHECKING:
@@ -49,6 +55,7 @@ class ModelRunner:
         # called as hook(chunks, hidden (1, T, hidden)) after each forward, chunks in row order (decodes
         # first): how long-context perplexity scores every token that goes through the cache
         self.hidden_hook: Callable[[list[ScheduledChunk], Tensor], None] | None = None
+        self.lora = lora_state(model)  # the step's row groups, read by the model's LoRA layers
 
     def _check_windows(self) -> None:
         for m in self.model.modules():
@@ -75,7 +82,8 @@ class ModelRunner:
         self._update_states(sched)
         if not sched.chunks:
             return EMPTY_RUNNER_OUTPUT
-        chunks = sorted(sched.chunks, key=lambda c: len(c.token_ids) != 1)  # decodes first, order kept
+        # decodes first, then by adapter (each adapter's rows in at most two ranges), order kept
+        chunks = sorted(sched.chunks, key=lambda c: (len(c.token_ids) != 1, c.lora_id))
         rows, sampled, end = [], [], 0
         for c in chunks:
             end += len(c.token_ids)
@@ -115,7 +123,11 @@ class ModelRunner:
         rows of the flattened step (their hidden states with logits=False; None when no row is asked for).
         The KV of every token is written."""
         input_ids, positions, meta = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, meta)  # (1, T, hidden)
+        self.lora.groups = self._lora_groups(chunks, input_ids.device)
+        try:
+            hidden = self.model(input_ids, positions, meta)  # (1, T, hidden)
+        finally:
+            self.lora.groups = ()
         if self.hidden_hook is not None:
             self.hidden_hook(chunks, hidden)
         if not rows:
@@ -125,6 +137,30 @@ class ModelRunner:
         else:
             last = hidden[0].index_select(0, torch.tensor(rows, dtype=torch.long, device=hidden.device))
         return self._logits(last) if logits else last
+
+    @staticmethod
+    def _lora_groups(chunks: list[ScheduledChunk], device: torch.device) -> tuple[RowGroup, ...]:
+        """The rows of each adapter present in the step: a range, or an index over its ranges."""
+        if not any(c.lora_id for c in chunks):
+            return ()
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        end = 0
+        for c in chunks:
+            start, end = end, end + len(c.token_ids)
+            if c.lora_id:
+                spans = ranges.setdefault(c.lora_id, [])
+                if spans and spans[-1][1] == start:
+                    spans[-1] = (spans[-1][0], end)
+                else:
+                    spans.append((start, end))
+        groups = []
+        for lora_id, spans in ranges.items():
+            if len(spans) == 1:
+                groups.append(RowGroup(lora_id, *spans[0]))
+            else:
+                index = torch.cat([torch.arange(a, b) for a, b in spans]).to(device)
+                groups.append(RowGroup(lora_id, index=index))
+        return tuple(groups)
 
     def _verify(self, logits: Tensor, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
         """Per sampled chunk: accept a prefix of its drafts and emit one token (leanfm.engine.spec.verify)."""

@@ -178,7 +178,7 @@ class Scheduler:
             req.spec_token_ids = []  # verified now, or stale once the next token is computed without them
             last = start + m == req.num_tokens
             chunks.append(ScheduledChunk(req.request_id, tokens, start, self.kv.block_tables(req), last, k,
-                                         self._num_propose(req) if last else 0))
+                                         self._num_propose(req) if last else 0, req.lora_id))
             if req.request_id not in self._known:
                 self._known.add(req.request_id)
                 new.append(NewRequestData(req.request_id, tuple(req.prompt_token_ids), req.params))

@@ -16,7 +16,8 @@ Fusing needs: no forward hooks on the modules involved (calibration hooks, e.g.;
 included) and the kernels' conditions (leanfm.ops.kernels, leanfm.ops.kernels.fused: float32 CPU
 tensors, no autograd, decode-sized inputs). Linear layers fuse when they are all FastLinear with one
 weight dtype, or all QuantLinear with one bits / group_size in {4, 8} x multiples of 32; any other
-form (low-rank, sparse, LoRA, plain nn.Linear...) runs its own forward. Module names and state dicts
+form (low-rank, sparse, LoRA, plain nn.Linear...) runs its own forward; a multi-LoRA host layer
+(leanfm.models.multi_lora) counts as its base form in steps where none of its adapters has rows. Module names and state dicts
 are untouched: fusion is a property of the forward pass only.
 """
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from leanfm.models.layers import FastLinear
+from leanfm.models.multi_lora import MultiLoraHost
 from leanfm.models.quant_layers import QuantLinear
 from leanfm.ops import kernels as _kernels
 from leanfm.ops.attention import attention as _attention
@@ -45,6 +47,14 @@ def _hookless(*mods: nn.Module | None) -> bool:
     return all(m is None or not (m._forward_hooks or m._forward_pre_hooks) for m in mods)
 
 
+def _kind(m: nn.Module) -> type:
+    """The layer's class; a multi-LoRA host that adds nothing this step counts as its base class."""
+    t = type(m)
+    if issubclass(t, MultiLoraHost) and m.lora_idle():
+        return t.__bases__[1]
+    return t
+
+
 def _group_call(x: Tensor, mods: tuple[nn.Module, ...], epilogue: int) -> list[Tensor] | None:
     """One kernel call for all `mods` on x (epilogue -1: one output each; 0/1: gated), or None."""
     if x.dtype != _FP32 or not x.is_cpu or x.dim() == 0 or not _kernels.kernels_enabled():
@@ -55,8 +65,8 @@ def _group_call(x: Tensor, mods: tuple[nn.Module, ...], epilogue: int) -> list[T
     if torch.is_grad_enabled() and (x.requires_grad or any(
             isinstance(getattr(m, "bias", None), Tensor) and m.bias.requires_grad for m in mods)):
         return None
-    kind = type(mods[0])
-    if any(type(m) is not kind for m in mods):
+    kind = _kind(mods[0])
+    if any(_kind(m) is not kind for m in mods):
         return None
     ns = fused._ops()
     if ns is None:

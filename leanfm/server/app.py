@@ -3,13 +3,16 @@
     app = build_app(AsyncLLM(model, tokenizer, max_num_seqs=16), "gemma-3-270m", api_key=None, max_queue=64)
 
 POST /v1/completions, /v1/chat/completions (streamed as SSE or not), /tokenize, /detokenize;
-GET /v1/models, /health, /metrics. A body becomes token ids and SamplingParams before anything is
+GET /v1/models, /health, /metrics. The `model` field picks the base model or a loaded LoRA adapter;
+with allow_runtime_lora, POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes) change
+the adapters at run time. A body becomes token ids and SamplingParams before anything is
 admitted; every engine-side check runs before the response starts, so bad input is a 4xx, never a
 half-sent stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +25,14 @@ from leanfm.engine.async_llm import AsyncLLM
 from leanfm.engine.params import SamplingParams
 from leanfm.server.errors import APIError, error_body, install_error_handlers
 from leanfm.server.responses import ChatFormat, CompletionFormat, Envelope, sse, usage
-from leanfm.server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from leanfm.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoraRequest,
+    TokenizeRequest,
+    UnloadLoraRequest,
+)
 from leanfm.server.service import Service
 from leanfm.server.streaming import SSEResponse, client_closed, until_disconnected
 from leanfm.utils.errors import LeanfmError
@@ -30,13 +40,17 @@ from leanfm.utils.errors import LeanfmError
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 Jobs = list[tuple[list[int], SamplingParams]]
 router = APIRouter()
+lora_router = APIRouter()  # run-time adapter loading: only with allow_runtime_lora
 
 
-def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_queue: int = 64) -> FastAPI:
+def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_queue: int = 64,
+              allow_runtime_lora: bool = False) -> FastAPI:
     app = FastAPI(title="leanfm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = Service(llm, model_name, max_queue)
     install_error_handlers(app)
     app.include_router(router)
+    if allow_runtime_lora:
+        app.include_router(lora_router)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, service=app.state.service)
     return app
@@ -50,7 +64,7 @@ def _svc(request: Request) -> Service:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     svc = _svc(request)
-    svc.check_model(body.model)
+    adapter = svc.check_model(body.model)
     body.check()
     prompts = body.prompts()
     jobs = []
@@ -62,27 +76,27 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.echo:
         echo = [p if isinstance(p, str) else svc.decode(p) for p in prompts]
     fmt = CompletionFormat(svc.token_text, body.n, body.logprobs, echo)
-    env = Envelope(f"cmpl-{uuid.uuid4().hex}", svc.model_name, chat=False)
-    return await _respond(request, svc, jobs, body.n, env, fmt, body.stream, body.include_usage)
+    env = Envelope(f"cmpl-{uuid.uuid4().hex}", adapter or svc.model_name, chat=False)
+    return await _respond(request, svc, jobs, body.n, env, fmt, body.stream, body.include_usage, adapter)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     svc = _svc(request)
-    svc.check_model(body.model)
+    adapter = svc.check_model(body.model)
     body.check()
     ids = svc.encode_chat([m.as_dict() for m in body.messages], body.add_generation_prompt)
     max_tokens = svc.max_tokens_for(len(ids), body.requested_max_tokens, None, "messages")
     jobs = [(ids, body.sampling_params(max_tokens, body.num_logprobs))]
     fmt = ChatFormat(svc.token_text, body.num_logprobs)
-    env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", svc.model_name, chat=True)
-    return await _respond(request, svc, jobs, body.n, env, fmt, body.stream, body.include_usage)
+    env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", adapter or svc.model_name, chat=True)
+    return await _respond(request, svc, jobs, body.n, env, fmt, body.stream, body.include_usage, adapter)
 
 
 async def _respond(request: Request, svc: Service, jobs: Jobs, n: int, env: Envelope, fmt: Any,
-                   stream: bool, include_usage: bool) -> Response:
+                   stream: bool, include_usage: bool, adapter: str | None = None) -> Response:
     for ids, params in jobs:  # the engine's own checks (vocabulary, KV cache size) before admission
-        svc.llm.engine.make_request(ids, params)
+        svc.llm.engine.make_request(ids, params, adapter=adapter)
     k = len(jobs) * n
     svc.reserve(k)
     if stream:
@@ -91,12 +105,12 @@ async def _respond(request: Request, svc: Service, jobs: Jobs, n: int, env: Enve
             svc.metrics.disconnects += disconnected
 
         try:
-            return SSEResponse(_stream(svc, jobs, n, env, fmt, include_usage), on_close)
+            return SSEResponse(_stream(svc, jobs, n, env, fmt, include_usage, adapter), on_close)
         except BaseException:
             svc.release(k)
             raise
     try:
-        left, body = await until_disconnected(request, _collect(svc, jobs, n, env, fmt))
+        left, body = await until_disconnected(request, _collect(svc, jobs, n, env, fmt, adapter))
     except LeanfmError as e:
         if svc.llm.is_running:
             raise
@@ -109,13 +123,13 @@ async def _respond(request: Request, svc: Service, jobs: Jobs, n: int, env: Enve
     return JSONResponse(body)
 
 
-async def _stream(svc: Service, jobs: Jobs, n: int, env: Envelope, fmt: Any, include_usage: bool
-                  ) -> AsyncIterator[bytes]:
+async def _stream(svc: Service, jobs: Jobs, n: int, env: Envelope, fmt: Any, include_usage: bool,
+                  adapter: str | None = None) -> AsyncIterator[bytes]:
     for choice in fmt.opening(len(jobs) * n):
         yield sse(env.chunk([choice], None, include_usage))
     generated = 0
     try:
-        async for index, out in svc.generate(jobs, n, env.id):
+        async for index, out in svc.generate(jobs, n, env.id, adapter):
             generated += len(out.new_token_ids)
             choice = fmt.delta(index, out)
             if choice is not None:
@@ -128,9 +142,10 @@ async def _stream(svc: Service, jobs: Jobs, n: int, env: Envelope, fmt: Any, inc
     yield b"data: [DONE]\n\n"
 
 
-async def _collect(svc: Service, jobs: Jobs, n: int, env: Envelope, fmt: Any) -> dict[str, Any]:
+async def _collect(svc: Service, jobs: Jobs, n: int, env: Envelope, fmt: Any, adapter: str | None = None
+                   ) -> dict[str, Any]:
     finals = {}
-    async for index, out in svc.generate(jobs, n, env.id):
+    async for index, out in svc.generate(jobs, n, env.id, adapter):
         if out.finished:
             finals[index] = out
     choices = [fmt.final(i, finals[i]) for i in sorted(finals)]
@@ -144,7 +159,37 @@ async def models(request: Request) -> dict[str, Any]:
     svc = _svc(request)
     card = {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "leanfm",
             "max_model_len": svc.max_model_len}
-    return {"object": "list", "data": [card]}
+    loras = [{"id": name, "object": "model", "created": 0, "owned_by": "leanfm", "root": info.path,
+              "parent": svc.model_name, "max_model_len": svc.max_model_len}
+             for name, info in sorted(svc.llm.adapters.items())]
+    return {"object": "list", "data": [card, *loras]}
+
+
+@lora_router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> dict[str, Any]:
+    svc = _svc(request)
+    if body.lora_name == svc.model_name:
+        raise APIError(400, f"{body.lora_name!r} is the base model's name; give the adapter another name",
+                       param="lora_name")
+    try:  # off the event loop: reading the file and waiting for the engine thread take a while
+        info = await asyncio.to_thread(svc.llm.load_adapter, body.lora_name, body.lora_path)
+    except LeanfmError as e:
+        raise APIError(400, str(e), param="lora_path") from None
+    return {"object": "lora_adapter", "id": info.name, "status": "loaded", "rank": info.r,
+            "num_layers": info.num_layers}
+
+
+@lora_router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> dict[str, Any]:
+    svc = _svc(request)
+    if body.lora_name not in svc.llm.adapters:
+        raise APIError(404, f"no adapter named {body.lora_name!r} is loaded", param="lora_name",
+                       code="model_not_found")
+    try:
+        await asyncio.to_thread(svc.llm.unload_adapter, body.lora_name)
+    except LeanfmError as e:
+        raise APIError(400, str(e), param="lora_name") from None
+    return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
 
 
 @router.get("/health")

@@ -64,10 +64,10 @@ def check_port(host: str, port: int) -> None:
 
 def serve(llm: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 64, shutdown_timeout: float = 30.0, log_level: str = "info",
-          access_log: bool = False) -> None:
+          access_log: bool = False, allow_runtime_lora: bool = False) -> None:
     """Serve until SIGTERM/SIGINT; shuts the engine down before returning."""
     check_port(host, port)
-    app = build_app(llm, model_name, api_key=api_key, max_queue=max_queue)
+    app = build_app(llm, model_name, api_key=api_key, max_queue=max_queue, allow_runtime_lora=allow_runtime_lora)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=shutdown_timeout + 5.0, lifespan="off")
     server = _Server(config, app.state.service, shutdown_timeout)

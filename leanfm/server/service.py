@@ -1,5 +1,8 @@
 """Service: what the HTTP routes share — the AsyncLLM, admission control, prompts to token ids, metrics.
 
+Models: the `model` field of a request picks what runs: the served model's name (or no field) is the
+base model, a loaded LoRA adapter's name that adapter (leanfm.engine.lora); anything else is a 404.
+
 Admission: every engine request (one per prompt and choice) holds a slot from `reserve` until its HTTP
 request is answered or abandoned. Slots number max_num_seqs (running) + max_queue (waiting); a request
 that does not fit gets 429 with Retry-After, one that could never fit a 400. While draining (shutdown)
@@ -37,10 +40,18 @@ class Service:
         self.metrics = ServerMetrics()
 
     # ---------------------------------------------------------------- admission
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter the `model` field picks (None: the base model); 404 when it names neither."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.llm.adapters:
+            return name
+        served = ", ".join(repr(n) for n in self.model_names())
+        raise APIError(404, f"model {name!r} does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
+
+    def model_names(self) -> list[str]:
+        return [self.model_name, *sorted(self.llm.adapters)]
 
     def reserve(self, k: int) -> None:
         """Take k slots or refuse the request; pair with release(k)."""
@@ -106,11 +117,12 @@ class Service:
         return self.tokenizer.decode(list(ids)) if self.tokenizer else ""
 
     # ---------------------------------------------------------------- generation
-    async def generate(self, jobs: list[tuple[list[int], SamplingParams]], n: int, request_id: str
-                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def generate(self, jobs: list[tuple[list[int], SamplingParams]], n: int, request_id: str,
+                       adapter: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run n choices of every (prompt ids, params) job; yield (choice index, output) as they come,
         choice index = job * n + sample. Metrics are counted here. Bad input raises before any yield."""
-        streams = [self.llm.generate_many(ids, params, n, f"{request_id}-{j}") for j, (ids, params) in enumerate(jobs)]
+        streams = [self.llm.generate_many(ids, params, n, f"{request_id}-{j}", adapter=adapter)
+                   for j, (ids, params) in enumerate(jobs)]
         started: set[int] = set()
         async for j, (i, out) in _merge(streams):
             index = j * n + i

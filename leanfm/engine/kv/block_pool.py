@@ -7,7 +7,7 @@ reused; reusing it evicts it from the cache.
 
 Cache keys chain the blocks of a sequence: key_i = (hash(key_{i-1}), token ids of block i). The dict
 compares the tokens of a block exactly, so only a 64-bit collision of a whole parent chain could alias
-two prefixes.
+two prefixes. A request's salt (its LoRA adapter) stands in for the first block's parent.
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ BlockKey = tuple[int, tuple[int, ...]]  # (hash of the parent key, the block's t
 NULL_BLOCK = 0  # placeholder for blocks a request no longer holds (out of its sliding window)
 
 
-def block_key(parent: BlockKey | None, token_ids: tuple[int, ...]) -> BlockKey:
-    return (hash(parent) if parent is not None else 0, token_ids)
+def block_key(parent: BlockKey | None, token_ids: tuple[int, ...], salt: str | None = None) -> BlockKey:
+    """The key of a block after `parent` (None: the first block, whose chain starts from `salt`: sequences
+    computed with different weights, such as different LoRA adapters, never share blocks)."""
+    if parent is not None:
+        return (hash(parent), token_ids)
+    return (hash(("salt", salt)) if salt is not None else 0, token_ids)
 
 
 class BlockPool:

@@ -39,6 +39,7 @@ class KVRequest(Protocol):
     request_id: str
     all_token_ids: list[int]
     block_keys: list[BlockKey]  # the manager's memo of the request's block keys
+    # optional `cache_salt: str | None`: seeds the hash chain (a LoRA adapter's requests share only among themselves)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class KVCacheManager:
     def _keys(self, req: KVRequest, num_blocks: int) -> list[BlockKey]:
         keys, ids, bs = req.block_keys, req.all_token_ids, self.block_size
         for i in range(len(keys), num_blocks):
-            keys.append(block_key(keys[-1] if keys else None, tuple(ids[i * bs:(i + 1) * bs])))
+            keys.append(block_key(keys[-1] if keys else None, tuple(ids[i * bs:(i + 1) * bs]),
+                                  getattr(req, "cache_salt", None)))
         return keys
 
     def get_computed_blocks(self, req: KVRequest) -> CachedPrefix:
