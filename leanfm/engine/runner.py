@@ -99,7 +99,7 @@ class ModelRunner:
                 tokens, logprobs = sample_rows_with_logprobs(logits, [self.states[c.req_id] for c in sampled])
                 accepted = [0] * len(tokens)
             else:  # (a request asking for logprobs is never given drafts: the scheduler sees to it)
-                tokens, accepted = self._verify(logits, sampled)
+                tokens, accepted, logprobs = self._verify(logits, sampled)
             drafts = self.spec.step(sampled, tokens, accepted, self.states) if self.spec is not None else ()
         return RunnerOutput(tuple(c.req_id for c in sampled), tuple(tokens), tuple(accepted), drafts,
                             tuple(logprobs) if any(logprobs) else ())
@@ -162,15 +162,20 @@ class ModelRunner:
                 groups.append(RowGroup(lora_id, index=index))
         return tuple(groups)
 
-    def _verify(self, logits: Tensor, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
-        """Per sampled chunk: accept a prefix of its drafts and emit one token (leanfm.engine.spec.verify)."""
+    def _verify(self, logits: Tensor, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list]:
+        """Per sampled chunk: accept a prefix of its drafts and emit one token (leanfm.engine.spec.verify).
+        A chunk without drafts whose request asks for logprobs is sampled with them (else None)."""
         states = [self.states[c.req_id] for c in chunks]
         greedy = logits.argmax(dim=-1).tolist() if all(s.plain_greedy for s in states) else None
-        tokens, accepted, r = [], [], 0
+        tokens, accepted, logprobs, r = [], [], [], 0
         for c, state in zip(chunks, states, strict=True):
             k = c.num_draft_tokens
             drafts = c.token_ids[len(c.token_ids) - k:]
-            if greedy is not None:
+            logprobs.append(None)
+            if k == 0 and state.params.logprobs is not None:
+                (token,), (logprobs[-1],) = sample_rows_with_logprobs(logits[r:r + 1], [state])
+                a = 0
+            elif greedy is not None:
                 a, token = greedy_accept(greedy[r:r + k + 1], drafts)
             elif k == 0:
                 a, token = 0, sample_rows(logits[r:r + 1], [state])[0]
@@ -180,7 +185,7 @@ class ModelRunner:
             tokens.append(token)
             accepted.append(a)
             r += k + 1
-        return tokens, accepted
+        return tokens, accepted, logprobs
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """compute_logits in slices of at most kernels.max_rows() rows when there are a few of them: the

@@ -179,3 +179,24 @@ def test_layer_subset_view_shares_weights_and_leaves_the_model_alone(model):
         assert torch.allclose(view(ids, torch.arange(12)), pruned(ids, torch.arange(12)), atol=1e-6)
     assert len(model.model.layers) == n and [m.self_attn.layer_idx for m in view.model.layers] == keep
     assert view.lm_head is model.lm_head and view.model.layers[1] is model.model.layers[n - 1]
+
+
+def test_logprobs_requests_get_no_drafts_and_keep_their_logprobs(model):
+    """A request asking for logprobs is not drafted for (its logprobs come from the sampler's own draw);
+    a plain greedy request beside it still is, and both equal the Generator."""
+    with_lp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    core = make_engine(model, block_size=4, speculative=spec_options("ngram", model))
+    prompts = [repetitive(40, seed=3), repetitive(40, seed=4)]
+    done = run_to_end(core, {0: [(prompts[0], with_lp, "lp"), (prompts[1], GREEDY, "plain")]})
+    assert done["lp"].token_ids == reference(model, [prompts[0]], with_lp)[0]
+    assert done["plain"].token_ids == reference(model, [prompts[1]], GREEDY)[0]
+    assert done["lp"].metrics.num_draft_tokens == 0 and done["plain"].metrics.num_draft_tokens > 0
+    assert len(done["lp"].logprobs) == len(done["lp"].token_ids)
+    assert_all_blocks_free(core)
+
+
+def test_speculation_with_kv_compression_is_refused(model):
+    from leanfm.engine.config import EngineConfig, EngineConfigError
+
+    with pytest.raises(EngineConfigError, match="speculative decoding needs the full KV cache"):
+        EngineConfig(speculative="ngram", kv_compression="streaming", kv_budget=64)
