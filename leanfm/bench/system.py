@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from leanfm.utils.rss import reset_peak_rss  # noqa: F401  (re-exported)
+
 FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
                      "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 POWERCAP = Path("/sys/class/powercap")
@@ -159,14 +161,6 @@ def _status_bytes(key: str) -> int | None:
     return None
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS. False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peak_rss_bytes() -> int:

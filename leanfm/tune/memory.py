@@ -31,6 +31,7 @@ from torch import nn
 from leanfm.models import ModelConfig, build_model
 from leanfm.tune import api
 from leanfm.tune.config import AdapterConfig
+from leanfm.utils.rss import reset_peak_rss  # noqa: F401  (re-exported)
 
 __all__ = ["MemoryPlan", "current_rss_bytes", "limit_heap_retention", "peak_rss_bytes", "plan_memory",
            "reset_peak_rss"]
@@ -76,13 +77,6 @@ def limit_heap_retention(threshold: int = 256 << 10) -> bool:
         return False
 
 
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
