@@ -28,7 +28,7 @@ def test_sparse_linear_matches_dense_pruned_linear(n, m):
     sp = SparseLinear.from_linear(lin, n, m)
     assert torch.equal(sp.dense_weight(), lin.weight.data)
     x = torch.randn(3, 5, 64)
-    assert torch.equal(sp(x), lin(x))
+    torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)  # 15 rows: the 2:4 kernel, fp32 rounding
     assert sp.values.shape == (24, 64 * n // m)
     if m == 4:  # indices two bits each
         assert sp.indices.shape == (24, 64 * n // m // 4) and sp.weight_bits == pytest.approx(32 * n / m + n / m * 2)
@@ -66,7 +66,7 @@ def test_pack_nm_converts_only_nm_sparse_untied_linears():
     assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
     assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
     assert type(model.lm_head) is nn.Linear
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="o_proj"):
         pack_nm_(model, 2, 4, names=["model.layers.0.self_attn.o_proj"])
     assert pack_nm_(model, 2, 4, names=["lm_head"]) == 0  # tied to the embedding: stays dense
