@@ -9,8 +9,10 @@
 
 A targeted layer changes class in place to `MultiLora<Class>` (MultiLoraHost in front of the original
 class, which may be nn.Linear, FastLinear, QuantLinear or any other linear form): its forward is the
-base forward plus, for each adapter present in the step, that adapter's delta on its rows
-(leanfm.ops.lora.segmented_lora_add_). The factors are plain attributes, not parameters or buffers: the
+base forward plus each row's own adapter's delta: all of the layer's adapters stacked side by side and
+masked per row (leanfm.ops.lora.stacked_lora_add_; the stack is rebuilt when an adapter is installed or
+removed, the step's masks are made once per stack layout and shared by the layers that have it).
+The factors are plain attributes, not parameters or buffers: the
 state dict, the base weights and the module names stay as they were. A layer that no adapter targets
 any more gets its class back (and with it the fused decode kernels, which only take the plain forms).
 
@@ -24,7 +26,15 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from leanfm.ops.lora import LoraFactors, RowGroup, segmented_lora_add_
+from leanfm.ops.lora import (
+    LoraFactors,
+    RowGroup,
+    StackedLora,
+    row_lora_ids,
+    rows_mask,
+    stack_lora,
+    stacked_lora_add_,
+)
 
 __all__ = ["LoraFactors", "MultiLoraHost", "MultiLoraState", "RowGroup", "install_lora", "linear_shapes",
            "lora_ids", "lora_state", "remove_lora"]
@@ -33,11 +43,33 @@ _STATE = "_multi_lora_state"
 
 
 class MultiLoraState:
-    """The current step's row groups, shared by every host layer of one model."""
+    """The current step's row groups, shared by every host layer of one model, and the step's per-row
+    masks (made on first use, dropped when the groups change)."""
 
     def __init__(self) -> None:
-        self.groups: tuple[RowGroup, ...] = ()
+        self._groups: tuple[RowGroup, ...] = ()
+        self._row_ids: Tensor | None = None
+        self._masks: dict[tuple, Tensor] = {}
         self.last_id = 0  # ids are handed out per model (several engines may share one model)
+
+    @property
+    def groups(self) -> tuple[RowGroup, ...]:
+        return self._groups
+
+    @groups.setter
+    def groups(self, groups: tuple[RowGroup, ...]) -> None:
+        self._groups, self._row_ids, self._masks = tuple(groups), None, {}
+
+    def mask(self, stacked: StackedLora, n_rows: int, device) -> Tensor:
+        """rows_mask of this step's rows for `stacked` (layers with the same adapters in the same order and
+        ranks share one mask: the key is the column layout)."""
+        if self._row_ids is None or self._row_ids.shape[0] != n_rows:
+            self._row_ids, self._masks = row_lora_ids(self._groups, n_rows, device), {}
+        key = stacked.layout
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = rows_mask(self._row_ids, stacked)
+        return mask
 
     def new_id(self) -> int:
         self.last_id += 1
@@ -52,15 +84,17 @@ class MultiLoraHost:
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        groups = self.lora_state.groups
-        if not groups:
+        state = self.lora_state
+        if not state.groups:
             return out
         factors = self.lora_factors
-        pairs = [(g, factors[g.lora_id]) for g in groups if g.lora_id in factors]
-        if not pairs:
+        if not any(g.lora_id in factors for g in state.groups):
             return out
-        out2 = out.reshape(-1, out.shape[-1])
-        segmented_lora_add_(out2, x.reshape(-1, x.shape[-1]), pairs)
+        stacked = self.__dict__.get("_lora_stacked")
+        if stacked is None:
+            stacked = self.__dict__["_lora_stacked"] = stack_lora(factors)
+        x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        stacked_lora_add_(out2, x2, stacked, state.mask(stacked, x2.shape[0], x2.device))
         return out2.view(out.shape)
 
     def lora_idle(self) -> bool:
@@ -132,6 +166,7 @@ def install_lora(model: nn.Module, lora_id: int, factors: Mapping[str, LoraFacto
             layer.lora_factors = {}
             layer.lora_state = state
         layer.lora_factors[lora_id] = LoraFactors(f.a.to(device), f.b.to(device), float(f.scaling))
+        layer.__dict__.pop("_lora_stacked", None)
 
 
 def remove_lora(model: nn.Module, lora_id: int) -> None:
@@ -139,8 +174,9 @@ def remove_lora(model: nn.Module, lora_id: int) -> None:
     for m in model.modules():
         if isinstance(m, MultiLoraHost) and lora_id in m.lora_factors:
             del m.lora_factors[lora_id]
+            m.__dict__.pop("_lora_stacked", None)
             if not m.lora_factors:
-                for attr in ("lora_factors", "lora_state"):
+                for attr in ("lora_factors", "lora_state", "_lora_stacked"):
                     m.__dict__.pop(attr, None)
                 m.__class__ = type(m).__bases__[1]  # MultiLora<X> has bases (MultiLoraHost, X)
 
