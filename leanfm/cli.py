@@ -83,7 +83,8 @@ def generate(
         ids = tok.encode(text, add_special_tokens=False)
     else:
         ids = tok.encode(prompt)
-    total = min(len(ids) + max_tokens, loaded.config.max_position_embeddings)
+    virtual = getattr(loaded.model, "num_virtual_tokens", 0)  # a prompt/prefix tuning adapter's, in front
+    total = min(virtual + len(ids) + max_tokens, loaded.config.max_position_embeddings)
     llm = LLM(loaded.model, tok, max_num_seqs=1, num_blocks=-(-total // 16) + 2,  # a KV cache for this request only
               speculative=spec)
     final = None

@@ -85,6 +85,11 @@ def cache_perplexity(model, ids: list[int], *, chunk: int = 512, label: str = ""
 
     if len(ids) < 2:
         raise ValueError("cache_perplexity needs at least 2 tokens")
+    if getattr(model, "num_virtual_tokens", 0):
+        from leanfm.utils.errors import LeanfmError
+
+        raise LeanfmError("cache_perplexity does not score models with a prompt/prefix tuning adapter (their "
+                          "virtual tokens shift the cache positions); use windowed perplexity")
     max_len = min(len(ids) + 1, model.config.max_position_embeddings)
     config = EngineConfig(max_num_seqs=1, max_num_batched_tokens=chunk, max_model_len=max_len, block_size=block_size,
                           enable_prefix_caching=False, **engine_options)

@@ -60,12 +60,13 @@ class CompressedStep:
 class PagedAttentionMeta:
     """The attention hook the model's layers call (leanfm.models.blocks.Attention) for one step."""
 
-    __slots__ = ("caches", "extras", "layer_group", "plans")
+    __slots__ = ("caches", "extras", "layer_group", "plans", "virtual_tokens")
 
     def __init__(self, caches: list[LayerCache], layer_group: list[int], plans: list[PagedAttentionPlan],
-                 extras: list[CompressedStep | None] | None = None):
+                 extras: list[CompressedStep | None] | None = None, virtual_tokens: int = 0):
         self.caches, self.layer_group, self.plans = caches, layer_group, plans
         self.extras = extras or [None] * len(plans)
+        self.virtual_tokens = virtual_tokens  # placeholder positions 0.. of a prompt/prefix adapter (KVCacheMeta)
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None,
                softcap: float | None) -> Tensor:

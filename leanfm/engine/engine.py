@@ -10,6 +10,11 @@ Single-threaded; AsyncLLM runs it on a background thread, LLM drives it inline.
 
 LoRA adapters (leanfm.engine.lora): `core.load_adapter(name, path)`, then `add_request(..., adapter=name)`;
 requests for different adapters (and the base) share every step.
+
+A model carrying a prompt or prefix tuning adapter (`model.num_virtual_tokens` = n > 0: leanfm.tune.prompt,
+attached before the engine is built and fixed for it) gets n placeholder ids in front of every prompt
+(Request), which hold its virtual tokens at positions 0..n-1 of every sequence; they count against
+max_model_len. KV compression (which could evict them) and layer-skip drafts are refused with it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,16 @@ class EngineCore:
             raise EngineConfigError(f"the model's weights are {str(dtype).removeprefix('torch.')} but dtype="
                                     f"{config.dtype!r}; pass dtype='auto' or load the model in {config.dtype}")
         kv_dtype = dtype if config.kv_cache_dtype == "auto" else getattr(torch, config.kv_cache_dtype)
+        self.num_virtual_tokens = nv = int(getattr(model, "num_virtual_tokens", 0))
+        if nv and config.compressed:
+            raise EngineConfigError(f"kv_compression={config.kv_compression!r} could evict the model's {nv} virtual "
+                                    "tokens (prompt/prefix tuning adapter); drop kv_compression or the adapter")
+        if nv and config.speculative is not None and config.speculative.method == "layer_skip":
+            raise EngineConfigError("layer_skip drafts cannot run a prompt/prefix tuning adapter; use "
+                                    "speculative ngram or draft, or drop the adapter")
+        if nv >= self.max_model_len:
+            raise EngineConfigError(f"the model's adapter has {nv} virtual tokens but max_model_len is "
+                                    f"{self.max_model_len}; raise max_model_len")
         groups = plan_kv_groups(mc, config, kv_dtype.itemsize, self.max_model_len)
         # a compressed cache's content depends on what was evicted, not on the tokens alone: no prefix cache
         self.kv = KVCacheManager(groups, config.block_size, config.enable_prefix_caching and not config.compressed)
@@ -77,12 +92,14 @@ class EngineCore:
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise ContextLengthError("the prompt is empty after tokenization; give a non-empty prompt")
-        if len(ids) >= self.max_seq_len:
-            raise ContextLengthError(f"prompt has {len(ids)} tokens but the context holds {self.max_model_len}; "
+        nv = self.num_virtual_tokens
+        if len(ids) + nv >= self.max_seq_len:
+            extra = f" (+ the adapter's {nv} virtual tokens)" if nv else ""
+            raise ContextLengthError(f"prompt has {len(ids)} tokens{extra} but the context holds {self.max_model_len}; "
                                      "shorten the prompt (or raise max_model_len if the model supports it)")
         if params.stop and self.tokenizer is None:
             raise LeanfmError("stop strings need a tokenizer; give the engine one or use stop_token_ids")
-        total = min(len(ids) + params.max_tokens, self.max_seq_len)
+        total = min(nv + len(ids) + params.max_tokens, self.max_seq_len)
         need = self.kv.max_blocks_needed(total, self.config.max_num_batched_tokens)
         for g, n, pool in zip(self.kv.groups, need, self.kv.pools, strict=True):
             if n > pool.num_usable:
@@ -97,7 +114,7 @@ class EngineCore:
         return Request(rid, ids, params, stop_token_ids=stop_ids, max_model_len=self.max_seq_len,
                        detokenizer=detok, prompt=text, priority=priority, arrival_time=arrival_time,
                        adapter=adapter, lora_id=0 if info is None else info.lora_id,
-                       cache_salt=None if info is None else info.cache_salt)
+                       cache_salt=None if info is None else info.cache_salt, num_virtual_tokens=nv)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -3,6 +3,10 @@
 The hot loop does no Python-side allocation beyond the step's tensors: the cache is preallocated
 for prompt + max_tokens, logits are computed for the last position only, and the repetition-penalty
 mask is updated in place.
+
+A model with a prompt or prefix tuning adapter (`model.num_virtual_tokens` = n > 0, leanfm.tune.prompt)
+gets n placeholder ids in front of the prompt, at cache positions 0..n-1, which it fills with its
+virtual tokens; they count against the context but not in the prompt's tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leanfm.engine.params import SamplingParams
+from leanfm.engine.request import VIRTUAL_TOKEN_ID
 from leanfm.engine.stop import StopMatcher
 from leanfm.models.interface import ContiguousKVCache, KVCacheMeta
 from leanfm.ops.sampling import apply_presence_frequency_penalty, apply_repetition_penalty, sample
@@ -56,12 +61,19 @@ class Generator:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Placeholder positions in front of every prompt (a prompt/prefix tuning adapter's; else 0)."""
+        return int(getattr(self.model, "num_virtual_tokens", 0))
+
     def check_fits(self, n_prompt: int) -> None:
         if n_prompt == 0:
             raise ContextLengthError("the prompt is empty after tokenization; give a non-empty prompt")
-        if n_prompt >= self.max_context:
+        nv = self.num_virtual_tokens
+        if n_prompt + nv >= self.max_context:
+            extra = f" (+ the adapter's {nv} virtual tokens)" if nv else ""
             raise ContextLengthError(
-                f"prompt has {n_prompt} tokens but the context holds {self.max_context}; "
+                f"prompt has {n_prompt} tokens{extra} but the context holds {self.max_context}; "
                 "shorten the prompt (or raise --max-context if the model supports it)"
             )
 
@@ -75,7 +87,8 @@ class Generator:
     def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[StreamEvent]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_fits(len(ids))
-        budget = min(params.max_tokens, self.max_context - len(ids))
+        nv = self.num_virtual_tokens
+        budget = min(params.max_tokens, self.max_context - nv - len(ids))
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= set(getattr(self.tokenizer, "stop_token_ids", None) or self.config.eos_token_id)
@@ -91,17 +104,17 @@ class Generator:
         if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
             counts = torch.zeros(1, self.config.vocab_size, dtype=torch.float32, device=self.device)
 
-        cache = ContiguousKVCache(self.config, 1, len(ids) + budget, self.dtype, self.device)
+        cache = ContiguousKVCache(self.config, 1, nv + len(ids) + budget, self.dtype, self.device)
         out_ids: list[int] = []
         finish = "length"
         t0 = time.perf_counter()
         t_first = t0
         with torch.inference_mode():
-            step_ids = torch.tensor([ids], device=self.device)
+            step_ids = torch.tensor([[VIRTUAL_TOKEN_ID] * nv + ids], device=self.device)
             pos = 0
             for i in range(budget):
                 positions = torch.arange(pos, pos + step_ids.shape[1], device=self.device).unsqueeze(0)
-                hidden = self.model(step_ids, positions, KVCacheMeta(cache, pos))
+                hidden = self.model(step_ids, positions, KVCacheMeta(cache, pos, nv))
                 logits = self.model.compute_logits(hidden[:, -1]).float()  # (1, V)
                 pos += step_ids.shape[1]
                 if seen is not None:

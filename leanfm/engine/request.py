@@ -1,6 +1,8 @@
 """Request (one generation's state inside the engine) and RequestOutput (what callers get back). Torch-free.
 
-A request's tokens are its prompt followed by its outputs; `num_computed_tokens` counts those whose KV
+A request's tokens are its prompt followed by its outputs (behind `num_virtual_tokens` placeholder ids
+when the model carries a prompt or prefix tuning adapter, which fills their positions 0..n-1 with its
+virtual tokens: leanfm.tune.prompt; outputs and metrics show the prompt without them); `num_computed_tokens` counts those whose KV
 is in the cache. Each step the scheduler lets it catch up: a whole or partial prompt (prefill, chunked
 prefill, after a prefix hit or a preemption) or the one token sampled last step (decode), followed by
 the draft tokens `spec_token_ids` when speculative decoding proposed some (then it rolls back past the
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from leanfm.engine.params import SamplingParams
 from leanfm.engine.stop import StopMatcher
 
+VIRTUAL_TOKEN_ID = 0  # the placeholder id at a virtual token's position (the model never reads it)
 _arrivals = itertools.count()  # ties of equal priority and arrival time keep submission order
 
 
@@ -111,11 +114,13 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                  stop_token_ids: frozenset[int] = frozenset(), max_model_len: int, detokenizer=None,
                  prompt: str | None = None, priority: int = 0, arrival_time: float | None = None,
-                 adapter: str | None = None, lora_id: int = 0, cache_salt: str | None = None):
+                 adapter: str | None = None, lora_id: int = 0, cache_salt: str | None = None,
+                 num_virtual_tokens: int = 0):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
-        self.all_token_ids = list(prompt_token_ids)
+        self.num_virtual_tokens = num_virtual_tokens
+        self.all_token_ids = [VIRTUAL_TOKEN_ID] * num_virtual_tokens + self.prompt_token_ids
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[TokenLogprobs] | None = None if params.logprobs is None else []
         self.params = params
@@ -130,7 +135,7 @@ class Request:
         self.cache_salt = cache_salt  # seeds its prefix-cache hash chain (KV differs per adapter)
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (speculative decoding)
         self.stop_token_ids = stop_token_ids
-        self.max_output_tokens = min(params.max_tokens, max_model_len - len(prompt_token_ids))
+        self.max_output_tokens = min(params.max_tokens, max_model_len - len(self.all_token_ids))
         self._detok = detokenizer
         self._matcher = StopMatcher(params.stop)
         self._sent_text = self._sent_tokens = 0  # what the last output already reported

@@ -56,6 +56,8 @@ class ModelRunner:
         # first): how long-context perplexity scores every token that goes through the cache
         self.hidden_hook: Callable[[list[ScheduledChunk], Tensor], None] | None = None
         self.lora = lora_state(model)  # the step's row groups, read by the model's LoRA layers
+        # a prompt/prefix tuning adapter's virtual tokens sit at positions 0.. of every sequence (Request)
+        self.virtual_tokens = int(getattr(model, "num_virtual_tokens", 0))
 
     def _check_windows(self) -> None:
         for m in self.model.modules():
@@ -211,6 +213,7 @@ class ModelRunner:
             positions = torch.tensor(starts, dtype=torch.long)[row_req] + torch.arange(len(tokens)) - first_row[row_req]
         meta = plan_step(chunks, positions, row_req, self.cache, self.groups, self.block_size, self._inv_freq,
                          self.dtype)
+        meta.virtual_tokens = self.virtual_tokens
         if self.device.type != "cpu":
             input_ids, positions = input_ids.to(self.device), positions.to(self.device)
             meta.plans = [p.to(self.device) for p in meta.plans]

@@ -151,7 +151,7 @@ class Scheduler:
             self.waiting.pop(0)
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.perf_counter()
-                req.metrics.num_cached_tokens = prefix.num_tokens
+                req.metrics.num_cached_tokens = max(0, prefix.num_tokens - req.num_virtual_tokens)
             req.num_computed_tokens = prefix.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -48,10 +48,15 @@ class ContiguousKVCache:
 
 @dataclass
 class KVCacheMeta:
-    """Write the step's keys/values at [start, start + T) and attend over [0, start + T)."""
+    """Write the step's keys/values at [start, start + T) and attend over [0, start + T).
+
+    `virtual_tokens`: the caller put that many placeholder ids at positions 0.. for the model's prompt or
+    prefix tuning adapter (leanfm.tune.prompt), which fills those positions with its virtual tokens; a
+    model with such an adapter refuses a cache whose count differs from its own."""
 
     cache: ContiguousKVCache
     start: int
+    virtual_tokens: int = 0
 
     def write_and_read(self, layer: int, k: Tensor, v: Tensor, window: int | None) -> tuple[Tensor, Tensor, int]:
         """Store k, v (B, Hkv, T, D); return the cached keys/values to attend over and their first position."""

@@ -9,6 +9,14 @@ Adding one swaps the model's class in place to `Adapted<Class>` (VirtualTokenHos
 stores the trained tensors under `virtual_tokens.<name>.embedding`, in PEFT's layout:
 prompt (n, hidden); prefix (n, layers * 2 * kv_heads * head_dim), i.e. per token, for each layer,
 the key then the value, heads then head_dim.
+
+With a KV cache (generation: leanfm.engine's Generator and serving engine) the virtual tokens hold real
+cache positions 0..n-1: the caller puts n placeholder ids there (and says so with the attention meta's
+`virtual_tokens = n`), and the model fills those rows by position. Prompt tuning embeds a row at
+position p < n as the virtual vector p (unscaled, as in scoring); prefix tuning replaces, in every
+attention layer, the keys/values of such rows by the prefix's before they are cached (the rows' own
+outputs are never read). Rows at positions >= n run the plain model, so decode steps are unchanged
+and a prefix cache shares the virtual tokens' KV between requests.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from leanfm.models.interface import KVCacheMeta
 from leanfm.ops.attention import attention, causal_mask
 from leanfm.tune.config import AdapterError
 from leanfm.tune.layers import with_mixin
@@ -62,24 +71,52 @@ class PrefixAttention:
         return attention(q, k, v, scale, mask, softcap=softcap)
 
 
+class VirtualPrefixMeta:
+    """Wraps a step's cache meta (KVCacheMeta or the engine's paged meta) for prefix tuning: the keys/values
+    of the rows at positions < n become the prefix's for the layer, then the wrapped meta caches and attends."""
+
+    def __init__(self, inner: object, encoder: PrefixEncoder, virtual: Tensor, index: Tensor, positions: Tensor):
+        self.inner, self.virtual, self.index, self.positions = inner, virtual, index, positions  # (B, T) each
+        layers, heads, d = encoder.shape
+        n = encoder.num_virtual_tokens
+        self.kv = encoder.embedding.view(n, 2 * layers, heads, d).permute(1, 2, 0, 3)  # (2L, Hkv, n, D)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None,
+               softcap: float | None) -> Tensor:
+        rows = self.virtual[:, None, :, None]  # (B, 1, T, 1) against k, v (B, Hkv, T, D)
+        k = torch.where(rows, self.kv[2 * layer].to(k.dtype)[:, self.index].transpose(0, 1), k)
+        v = torch.where(rows, self.kv[2 * layer + 1].to(v.dtype)[:, self.index].transpose(0, 1), v)
+        if not isinstance(self.inner, KVCacheMeta):
+            return self.inner.attend(layer, q, k, v, scale, window, softcap)
+        k, v, first = self.inner.write_and_read(layer, k, v, window)  # as blocks.Attention does
+        k_pos = torch.arange(first, first + k.shape[2], device=q.device)
+        return attention(q, k, v, scale, causal_mask(self.positions, k_pos, window), softcap=softcap)
+
+
 class VirtualTokenHost:
     """Mixin placed before the model's class: runs the active prompt/prefix adapter, if any."""
 
     virtual_tokens: nn.ModuleDict
     active_adapter: str | None = None
     _prompt_rows: Tensor | None = None
+    _virtual_rows: tuple[Tensor, Tensor, Tensor] | None = None  # cached path: (vectors, rows (B, T), index)
 
     def active_encoder(self) -> nn.Module | None:
         name = self.active_adapter
         return self.virtual_tokens[name] if name is not None and name in self.virtual_tokens else None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """The placeholder positions a KV cache must hold in front of every prompt (0: no adapter active)."""
+        enc = self.active_encoder()
+        return 0 if enc is None else enc.num_virtual_tokens
 
     def forward(self, input_ids: Tensor, positions: Tensor, attn_meta: object | None = None) -> Tensor:
         enc = self.active_encoder()
         if enc is None:
             return super().forward(input_ids, positions, attn_meta)
         if attn_meta is not None:
-            raise AdapterError(f"adapter {self.active_adapter!r} ({type(enc).__name__}) cannot run with a KV "
-                               "cache yet; score or train with attn_meta=None")
+            return self._forward_cached(enc, input_ids, positions, attn_meta)
         b, n = input_ids.shape[0], enc.num_virtual_tokens
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(b, -1)
@@ -95,8 +132,31 @@ class VirtualTokenHost:
             self.__dict__["_prompt_rows"] = None
         return hidden[:, n:]
 
+    def _forward_cached(self, enc: nn.Module, input_ids: Tensor, positions: Tensor, attn_meta: object) -> Tensor:
+        n = enc.num_virtual_tokens
+        held = getattr(attn_meta, "virtual_tokens", 0)
+        if held != n:
+            raise AdapterError(f"adapter {self.active_adapter!r} ({type(enc).__name__}) needs its {n} virtual tokens "
+                               f"at KV-cache positions 0..{n - 1} but this cache has {held}; generate with "
+                               "leanfm.engine (LLM, Generator), or score with attn_meta=None")
+        pos = positions if positions.dim() == 2 else positions.unsqueeze(0).expand(input_ids.shape[0], -1)
+        virtual = pos < n
+        if not bool(virtual.any()):  # decode steps and the rest of a prompt: the plain model
+            return super().forward(input_ids, positions, attn_meta)
+        index = pos.clamp(max=n - 1)
+        if isinstance(enc, PrefixEncoder):
+            return super().forward(input_ids, positions, VirtualPrefixMeta(attn_meta, enc, virtual, index, pos))
+        self.__dict__["_virtual_rows"] = (enc.embedding, virtual, index)  # read by embed() during this call only
+        try:
+            return super().forward(input_ids, positions, attn_meta)
+        finally:
+            self.__dict__["_virtual_rows"] = None
+
     def embed(self, input_ids: Tensor) -> Tensor:
         h = super().embed(input_ids)
+        if self._virtual_rows is not None:
+            vectors, rows, index = self._virtual_rows
+            return torch.where(rows.unsqueeze(-1), vectors.to(h.dtype)[index], h)
         if self._prompt_rows is None:
             return h
         prompt = self._prompt_rows.to(h.dtype).expand(h.shape[0], -1, -1)
