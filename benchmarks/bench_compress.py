@@ -38,11 +38,12 @@ VARIANTS: dict[str, list[dict]] = {
     "asvd-0.8": [{"method": "asvd", "param_ratio": 0.8}],
     "svdllm-0.8": [{"method": "asvd", "variant": "whiten", "param_ratio": 0.8}],
     "shortgpt-3": [{"method": "shortgpt", "n_layers": 3}],
+    "channels-25": [{"method": "channels", "ffn_sparsity": 0.25}],
     "shortgpt-3+distill": [{"method": "shortgpt", "n_layers": 3},
                            {"method": "distill", "steps": 60, "seq_len": 128, "batch_size": 2, "lr": 1e-4}],
 }
 ORDER = ["int8", "int4-all", "rtn-4", "gptq-4", "awq-4", "magnitude-50", "wanda-50", "sparsegpt-50", "sparsegpt-2:4",
-         "svd-0.8", "asvd-0.8", "svdllm-0.8", "wanda-50+int4", "shortgpt-3", "shortgpt-3+distill"]
+         "svd-0.8", "asvd-0.8", "svdllm-0.8", "wanda-50+int4", "shortgpt-3", "shortgpt-3+distill", "channels-25"]
 
 
 def identical_reload(row: dict) -> bool:
@@ -93,6 +94,12 @@ def checks(rows: dict[str, dict], anchors: list[dict]) -> list[tuple[str, bool |
         if name in rows:
             r = rows[name]["decode_tok_s"] / rows["base"]["decode_tok_s"]
             add(f"{name} decodes >= {target}x the fp32 base", [name], r >= target,
+                f"{rows[name]['decode_tok_s']:.1f} vs {rows['base']['decode_tok_s']:.1f} tok/s = {r:.2f}x")
+    for name, what in (("sparsegpt-2:4", "2:4 (packed)"), ("shortgpt-3", "3 layers removed"),
+                       ("channels-25", "25% of FFN channels removed")):
+        if name in rows:
+            r = rows[name]["decode_tok_s"] / rows["base"]["decode_tok_s"]
+            add(f"{what} decodes faster than the fp32 base", [name], r > 1.0,
                 f"{rows[name]['decode_tok_s']:.1f} vs {rows['base']['decode_tok_s']:.1f} tok/s = {r:.2f}x")
     if "int4-all" in rows:
         bf16 = rows["base"]["disk_bytes"] / 2  # the base artifact is fp32
