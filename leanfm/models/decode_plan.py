@@ -30,6 +30,8 @@ LoRA host layers are not plain linears, so their blocks have no plan and run the
 
 from __future__ import annotations
 
+from operator import is_
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
@@ -131,7 +133,7 @@ def _plan(block: nn.Module) -> _Plan | None:
     if sig is None:
         return None
     plan = block.__dict__.get("_decode_plan")
-    if plan is None or len(plan.sig) != len(sig) or not all(a is b for a, b in zip(sig, plan.sig, strict=True)):
+    if plan is None or len(plan.sig) != len(sig) or not all(map(is_, sig, plan.sig)):
         plan = _build(block, sig)
         block.__dict__["_decode_plan"] = plan
     return plan if plan.ok else None
