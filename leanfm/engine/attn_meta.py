@@ -30,6 +30,7 @@ from leanfm.ops.paged_attention import (
     PagedAttentionPlan,
     pad_tables,
     paged_attention,
+    plan_decodes,
     plan_paged_attention,
     write_kv,
 )
@@ -110,7 +111,12 @@ def plan_step(chunks: Sequence[ScheduledChunk], positions: Tensor, row_req: Tens
     starts = [c.start_pos for c in chunks]
     lens = [len(c.token_ids) for c in chunks]
     plans, extras = [], []
+    decodes_only = len(positions) == len(chunks)
     for gi, g in enumerate(groups):
+        if decodes_only and g.budget is None:
+            plans.append(plan_decodes(starts, [c.block_tables[gi] for c in chunks], block_size, g.window, g.sinks))
+            extras.append(_streaming_step(g, positions, inv_freq, dtype) if g.sinks else None)
+            continue
         table = pad_tables([c.block_tables[gi] for c in chunks])
         if g.budget is not None:  # h2o: slot space
             shift = [max(0, s - g.budget) for s in starts]
