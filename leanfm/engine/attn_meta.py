@@ -30,6 +30,7 @@ from leanfm.ops.paged_attention import (
     PagedAttentionPlan,
     pad_tables,
     paged_attention,
+    plan_decodes,
     plan_paged_attention,
     write_kv,
 )
@@ -87,6 +88,19 @@ class PagedAttentionMeta:
             extra.after(lc)
         return out
 
+    def paged_decode_args(self, layer_idx: int) -> tuple[Tensor, ...] | None:
+        """(k_cache, v_cache, slots, table, lo, hi) for the one-call decoder block (leanfm.models.decode_plan,
+        torch.ops.leanfm_kernels.paged_decode_layer), or None when the layer must run its module path: the
+        step has a chunk of several tokens, the layer's cache is not plain float32 (int8 codes, bf16), or its
+        group is compressed (StreamingLLM sinks, H2O scores and evictions)."""
+        lc = self.caches[layer_idx]
+        gi = self.layer_group[layer_idx]
+        plan = self.plans[gi]
+        if (plan.chunks or not plan.num_decode or plan.sinks or self.extras[gi] is not None
+                or lc.k_scale is not None or lc.score is not None or lc.k.dtype != torch.float32):
+            return None
+        return lc.k, lc.v, plan.slot_mapping, plan.decode_table, plan.decode_lo, plan.decode_hi
+
 
 InvFreq = Callable[[int], Tensor]  # layer index -> the layer's RoPE inverse frequencies
 
@@ -98,7 +112,12 @@ def plan_step(chunks: Sequence[ScheduledChunk], positions: Tensor, row_req: Tens
     starts = [c.start_pos for c in chunks]
     lens = [len(c.token_ids) for c in chunks]
     plans, extras = [], []
+    decodes_only = len(positions) == len(chunks)
     for gi, g in enumerate(groups):
+        if decodes_only and g.budget is None:
+            plans.append(plan_decodes(starts, [c.block_tables[gi] for c in chunks], block_size, g.window, g.sinks))
+            extras.append(_streaming_step(g, positions, inv_freq, dtype) if g.sinks else None)
+            continue
         table = pad_tables([c.block_tables[gi] for c in chunks])
         if g.budget is not None:  # h2o: slot space
             shift = [max(0, s - g.budget) for s in starts]

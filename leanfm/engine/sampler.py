@@ -15,6 +15,7 @@ from torch import Tensor
 
 from leanfm.engine.params import SamplingParams
 from leanfm.engine.request import TokenLogprobs
+from leanfm.ops.kernels.fused import argmax
 from leanfm.ops.sampling import apply_presence_frequency_penalty, apply_repetition_penalty, process_logits
 
 
@@ -67,7 +68,7 @@ def sample_rows(logits: Tensor, states: list[SamplingState]) -> list[int]:
 def sample_rows_with_logprobs(logits: Tensor, states: list[SamplingState]) -> tuple[list[int], list[TokenLogprobs | None]]:
     """sample_rows, plus each row's TokenLogprobs when its request asks for them (else None)."""
     logits = logits.float()
-    out = logits.argmax(dim=-1).tolist()
+    out = argmax(logits).tolist()  # the C++ kernel on the CPU (~5x torch's over a 262k vocabulary)
     logprobs: list[TokenLogprobs | None] = [None] * len(states)
     for i, s in enumerate(states):
         p = s.params

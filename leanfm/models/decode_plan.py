@@ -17,9 +17,20 @@ It applies when all of these hold, and returns None otherwise (the block then ru
 The plan (tensor references and settings) is built on the first call and kept on the block; each call
 checks by identity that the block still holds the same modules, parameters and buffers (replacing a
 layer, compressing, `.to()` all rebuild it) and that no hook was added.
+
+The serving engine's paged cache gets the same one-call block (torch.ops.leanfm_kernels.paged_decode_layer:
+csrc/paged_decode_layer.cpp, the paged decode attention kernel inside) when, besides the block's plan:
+  * attn_meta offers `paged_decode_args(layer)` (leanfm.engine.attn_meta.PagedAttentionMeta) and it
+    gives the layer's (k_cache, v_cache, slots, table, lo, hi): the step is decodes only (no chunk of
+    several tokens: prefill, speculative verification), the layer's cache is float32 without int8
+    scales, and its KV group is not compressed (no StreamingLLM sinks, no H2O scores);
+  * x is (1, R, hidden) float32 on the CPU with R <= max_rows(); no autograd; no global hooks.
+LoRA host layers are not plain linears, so their blocks have no plan and run their module path.
 """
 
 from __future__ import annotations
+
+from operator import is_
 
 import torch
 from torch import Tensor, nn
@@ -122,25 +133,36 @@ def _plan(block: nn.Module) -> _Plan | None:
     if sig is None:
         return None
     plan = block.__dict__.get("_decode_plan")
-    if plan is None or len(plan.sig) != len(sig) or not all(a is b for a, b in zip(sig, plan.sig, strict=True)):
+    if plan is None or len(plan.sig) != len(sig) or not all(map(is_, sig, plan.sig)):
         plan = _build(block, sig)
         block.__dict__["_decode_plan"] = plan
     return plan if plan.ok else None
 
 
-def _step_ok(x: Tensor, attn_meta) -> bool:
-    """The per-step conditions (everything but the block's own plan)."""
+def _common_ok(x: Tensor) -> bool:
+    """The per-step conditions shared by both caches: kernels on, float32 CPU x, no autograd, no global hooks."""
     settings = _kernels._settings
     if settings is None:
         _kernels.kernels_enabled()  # loads them
         settings = _kernels._settings
-    if (type(attn_meta) is not KVCacheMeta or not settings[0] or x.dim() != 3 or x.shape[1] != 1
-            or x.dtype != _FP32 or not x.is_cpu or x.shape[0] > settings[1]):
+    if not settings[0] or x.dim() != 3 or x.dtype != _FP32 or not x.is_cpu:
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False
     return not (_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or _module._global_forward_hooks_always_called)
+
+
+def _step_ok(x: Tensor, attn_meta) -> bool:
+    """The per-step conditions of the contiguous cache (everything but the block's own plan)."""
+    return (type(attn_meta) is KVCacheMeta and _common_ok(x) and x.shape[1] == 1
+            and x.shape[0] <= _kernels._settings[1])
+
+
+def _paged_ok(x: Tensor, attn_meta) -> bool:
+    """The per-step conditions of the paged cache (the layer's own are paged_decode_args')."""
+    return (getattr(attn_meta, "paged_decode_args", None) is not None and _common_ok(x) and x.shape[0] == 1
+            and x.shape[1] <= _kernels._settings[1])
 
 
 def _block_step(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, attn_meta: KVCacheMeta, ns,
@@ -159,24 +181,44 @@ def _block_step(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, attn_meta
     return ns.decode_layer(x, cos, sin, kc, vc, start, plan.tensors, plan.ints, plan.floats)
 
 
+def _paged_block_step(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, attn_meta, ns,
+                      act: int) -> Tensor | None:
+    plan = _plan(block)
+    if plan is None:
+        return None
+    args = attn_meta.paged_decode_args(block._modules["self_attn"].layer_idx)
+    if args is None or args[2].shape[0] != x.shape[1]:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in plan.tensors):
+        return None
+    plan.ints[_ACT_SLOT] = act
+    return ns.paged_decode_layer(x, cos, sin, *args, plan.tensors, plan.ints, plan.floats)
+
+
 def decode_block(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, attn_meta) -> Tensor | None:
     """The block's output for one decode step in one kernel call, or None when that does not apply."""
     ns = fused._ns if fused._ns is not None else fused._load()
-    if not ns or not _step_ok(x, attn_meta):
+    if not ns:
         return None
-    return _block_step(block, x, cos, sin, attn_meta, ns, _quant.activation_code())
+    if _step_ok(x, attn_meta):
+        return _block_step(block, x, cos, sin, attn_meta, ns, _quant.activation_code())
+    if _paged_ok(x, attn_meta):
+        return _paged_block_step(block, x, cos, sin, attn_meta, ns, _quant.activation_code())
+    return None
 
 
 def run_layers(layers, rope_keys, rope: dict, h: Tensor, positions: Tensor, attn_meta) -> Tensor:
     """h through every block (DecoderForCausalLM.forward's loop): blocks without hooks whose decode step
     applies run it directly (no Module call), the others are called as usual."""
     ns = fused._ns if fused._ns is not None else fused._load()
-    ok = bool(ns) and _step_ok(h, attn_meta)
+    step = None
+    if ns:
+        step = _block_step if _step_ok(h, attn_meta) else _paged_block_step if _paged_ok(h, attn_meta) else None
     act = _quant.activation_code()
     for layer, key in zip(layers, rope_keys, strict=False):
         cos, sin = rope[key]
         y = None
-        if ok and layer.fused and not (layer._forward_hooks or layer._forward_pre_hooks):
-            y = _block_step(layer, h, cos, sin, attn_meta, ns, act)
+        if step is not None and layer.fused and not (layer._forward_hooks or layer._forward_pre_hooks):
+            y = step(layer, h, cos, sin, attn_meta, ns, act)
         h = y if y is not None else layer(h, cos, sin, positions, attn_meta)
     return h

@@ -7,6 +7,7 @@ token (decodes), the rest are multi-token chunks (prefill / chunked prefill), on
 rows per request.
 
     plan = plan_paged_attention(positions, row_req, starts, lens, table, block_size, window)  # once per step
+    plan = plan_decodes(starts, tables, block_size, window)    # the same, for a step of decodes only
     write_kv(k_cache, v_cache, k, v, plan.slot_mapping)                                        # every layer
     out = paged_attention(q, k, v, k_cache, v_cache, plan, scale, softcap)                    # every layer
 
@@ -106,6 +107,18 @@ def plan_paged_attention(positions: Tensor, row_req: Tensor, starts: Sequence[in
         plan.chunks.append(_plan_chunk(begin, s, n, table[i], bs, window, plan.sinks))
         begin += n
     return plan
+
+
+def plan_decodes(starts: Sequence[int], tables: Sequence[Sequence[int]], block_size: int, window: int | None,
+                 sinks: int = 0) -> PagedAttentionPlan:
+    """plan_paged_attention for a step of decodes only (request i's one new token at position starts[i],
+    its block table tables[i]), computed on Python ints: two tensors instead of ~10 small tensor ops."""
+    bs = block_size
+    slots = [t[s // bs] * bs + s % bs for s, t in zip(starts, tables, strict=True)]
+    lo = [max(0, s - window + 1) for s in starts] if window is not None else [0] * len(starts)
+    packed = torch.tensor([slots, lo, [s + 1 for s in starts]], dtype=torch.long)  # rows: contiguous views
+    return PagedAttentionPlan(packed[0], bs, len(starts), pad_tables(tables), packed[1], packed[2],
+                              sinks if window is not None else 0)
 
 
 def _plan_chunk(begin: int, start: int, n: int, table_row: Tensor, bs: int, window: int | None,

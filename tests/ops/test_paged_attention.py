@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from leanfm.ops.attention import attention, causal_mask
-from leanfm.ops.paged_attention import pad_tables, paged_attention, plan_paged_attention, write_kv
+from leanfm.ops.paged_attention import (
+    pad_tables,
+    paged_attention,
+    plan_decodes,
+    plan_paged_attention,
+    write_kv,
+)
 
 BS, HKV, H, D = 4, 2, 4, 8
 
@@ -66,3 +72,15 @@ def test_write_kv_puts_tokens_in_their_slots():
     assert k_cache[3, 1, 0].tolist() == [0.0, 1.0] and k_cache[1, 3, 0].tolist() == [2.0, 3.0]
     assert v_cache[4, 0, 0].tolist() == [-4.0, -5.0]
     assert k_cache.abs().sum() == 15.0
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (6, 0), (6, 2)])
+def test_plan_decodes_equals_the_general_plan(window, sinks):
+    starts, tables = [13, 0, 7], [(5, 0, 9, 2), (4,), (8, 3)]  # a dropped block (0) in the first table
+    general = plan_paged_attention(torch.tensor(starts), torch.arange(3), starts, [1, 1, 1], pad_tables(tables), 4,
+                                   window, sinks)
+    fast = plan_decodes(starts, tables, 4, window, sinks)
+    assert (fast.num_decode, fast.sinks, fast.block_size, fast.chunks) == (3, general.sinks, 4, [])
+    for name in ("slot_mapping", "decode_table", "decode_lo", "decode_hi"):
+        a, b = getattr(fast, name), getattr(general, name)
+        assert a.dtype == b.dtype and a.is_contiguous() and torch.equal(a, b), name

@@ -45,4 +45,9 @@ constexpr int64_t kMaxHeadDim = 512;
 void paged_decode_task(const DecodeArgs& a, int64_t r, int64_t h, int64_t k0, int64_t k1,
                        bool with_sinks, float* m, float* l, float* acc);
 
+// The attention of all R requests into out (R, H, D) fp32: at::parallel_for over (request, kv head)
+// tasks, split over the keys when there are few tasks (paged_decode_ops.cpp, which defines it; the
+// paged_decode operator and paged_decode_layer.cpp call it).
+void paged_decode_run(const DecodeArgs& a, int64_t R, float* out);
+
 }  // namespace leanfm_kernels

@@ -66,24 +66,17 @@ void check_inputs(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& v
   TORCH_CHECK(cpu_supported(), "paged_decode: this CPU lacks AVX2/FMA");
 }
 
-// out[r, h * G + g, :] = acc[g] / l[g]
-void finish(const at::Tensor& out, int64_t r, int64_t h, int64_t G, int64_t D, const float* l, const float* acc) {
-  const bool f32 = out.scalar_type() == at::kFloat;
+// out[(r * H + h * G + g) * D + d] = acc[g * D + d] / l[g]
+void finish(float* out, int64_t H, int64_t r, int64_t h, int64_t G, int64_t D, const float* l, const float* acc) {
   for (int64_t g = 0; g < G; ++g) {
     const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-    const int64_t o = (r * out.size(1) + h * G + g) * D;
-    if (f32) {
-      float* y = out.data_ptr<float>() + o;
-      for (int64_t d = 0; d < D; ++d) y[d] = acc[g * D + d] * inv;
-    } else {
-      at::BFloat16* y = out.data_ptr<at::BFloat16>() + o;
-      for (int64_t d = 0; d < D; ++d) y[d] = at::BFloat16(acc[g * D + d] * inv);
-    }
+    float* y = out + (r * H + h * G + g) * D;
+    for (int64_t d = 0; d < D; ++d) y[d] = acc[g * D + d] * inv;
   }
 }
 
 // merge the nsplit partial (m, l, acc) records of one (request, kv head) into out
-void merge(const at::Tensor& out, const float* parts, int64_t nsplit, int64_t r, int64_t h, int64_t G, int64_t D) {
+void merge(float* out, int64_t H, const float* parts, int64_t nsplit, int64_t r, int64_t h, int64_t G, int64_t D) {
   const int64_t rec = G * (D + 2);
   std::vector<float> l(G, 0.0f), acc(G * D, 0.0f);
   for (int64_t g = 0; g < G; ++g) {
@@ -97,15 +90,47 @@ void merge(const at::Tensor& out, const float* parts, int64_t nsplit, int64_t r,
       for (int64_t d = 0; d < D; ++d) acc[g * D + d] += w * p[2 * G + g * D + d];
     }
   }
-  finish(out, r, h, G, D, l.data(), acc.data());
+  finish(out, H, r, h, G, D, l.data(), acc.data());
 }
+
+}  // namespace
+
+void paged_decode_run(const DecodeArgs& a, int64_t R, float* out) {
+  const int64_t H = a.H, Hkv = a.Hkv, D = a.D, G = H / Hkv;
+  const int64_t tasks = R * Hkv;
+  int64_t longest = 0;
+  for (int64_t r = 0; r < R; ++r) longest = std::max(longest, a.hi[r] - a.lo[r]);
+  const int64_t want = (4 * at::get_num_threads() + tasks - 1) / tasks;
+  const int64_t nsplit = a.score || tasks >= 2 * at::get_num_threads()
+                             ? 1 : std::max<int64_t>(1, std::min(want, longest / kKeysPerSplit));
+  const int64_t rec = G * (D + 2);
+  std::vector<float> parts(nsplit > 1 ? tasks * nsplit * rec : 0);
+  at::parallel_for(0, tasks * nsplit, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(rec);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rh = t / nsplit, s = t % nsplit, r = rh / Hkv, h = rh % Hkv;
+      const int64_t per = (a.hi[r] - a.lo[r] + nsplit - 1) / nsplit;
+      const int64_t k0 = std::min(a.hi[r], a.lo[r] + s * per), k1 = std::min(a.hi[r], k0 + per);
+      float* p = nsplit > 1 ? parts.data() + t * rec : buf.data();
+      paged_decode_task(a, r, h, k0, k1, s == 0, p, p + G, p + 2 * G);
+      if (nsplit == 1) finish(out, H, r, h, G, D, p + G, p + 2 * G);
+    }
+  });
+  if (nsplit > 1) {
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) merge(out, H, parts.data() + t * nsplit * rec, nsplit, t / Hkv, t % Hkv, G, D);
+    });
+  }
+}
+
+namespace {
 
 at::Tensor paged_decode(const at::Tensor& q_in, const std::optional<at::Tensor>& q_sink_in, const at::Tensor& kc,
                         const at::Tensor& vc, const std::optional<at::Tensor>& ks, const std::optional<at::Tensor>& vs,
                         const at::Tensor& table, const at::Tensor& lo, const at::Tensor& hi, int64_t sinks,
                         double scale, double softcap, const std::optional<at::Tensor>& score) {
   check_inputs(q_in, kc, vc, ks, vs, table, lo, hi);
-  const int64_t R = q_in.size(0), H = q_in.size(1), D = q_in.size(2), Hkv = kc.size(2), G = H / Hkv;
+  const int64_t R = q_in.size(0), H = q_in.size(1), D = q_in.size(2), Hkv = kc.size(2);
   at::Tensor out = at::empty({R, H, D}, q_in.options());
   if (R == 0) return out;
   const at::Tensor q = (q_in.to(at::kFloat) * scale).contiguous();
@@ -125,30 +150,13 @@ at::Tensor paged_decode(const at::Tensor& q_in, const std::optional<at::Tensor>&
                H, Hkv, D, kc.size(1), softcap > 0 ? static_cast<float>(softcap) : 0.0f,
                score ? score->data_ptr<float>() : nullptr};
 
-  const int64_t tasks = R * Hkv;
-  int64_t longest = 0;
-  for (int64_t r = 0; r < R; ++r) longest = std::max(longest, a.hi[r] - a.lo[r]);
-  const int64_t want = (4 * at::get_num_threads() + tasks - 1) / tasks;
-  const int64_t nsplit = score || tasks >= 2 * at::get_num_threads()
-                             ? 1 : std::max<int64_t>(1, std::min(want, longest / kKeysPerSplit));
-  const int64_t rec = G * (D + 2);
-  std::vector<float> parts(nsplit > 1 ? tasks * nsplit * rec : 0);
-  at::parallel_for(0, tasks * nsplit, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(rec);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rh = t / nsplit, s = t % nsplit, r = rh / Hkv, h = rh % Hkv;
-      const int64_t per = (a.hi[r] - a.lo[r] + nsplit - 1) / nsplit;
-      const int64_t k0 = std::min(a.hi[r], a.lo[r] + s * per), k1 = std::min(a.hi[r], k0 + per);
-      float* p = nsplit > 1 ? parts.data() + t * rec : buf.data();
-      paged_decode_task(a, r, h, k0, k1, s == 0, p, p + G, p + 2 * G);
-      if (nsplit == 1) finish(out, r, h, G, D, p + G, p + 2 * G);
-    }
-  });
-  if (nsplit > 1) {
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) merge(out, parts.data() + t * nsplit * rec, nsplit, t / Hkv, t % Hkv, G, D);
-    });
+  if (q_in.scalar_type() == at::kFloat) {
+    paged_decode_run(a, R, out.data_ptr<float>());
+    return out;
   }
+  at::Tensor out32 = at::empty({R, H, D}, q.options());
+  paged_decode_run(a, R, out32.data_ptr<float>());
+  out.copy_(out32);
   return out;
 }
 
