@@ -2,6 +2,8 @@
 
     python benchmarks/bench_compress.py [--model gemma-3-270m] [--windows 16] [--calib 64] [--readme]
     python benchmarks/bench_compress.py --from-json compress.json --readme     # table from a saved run
+    python benchmarks/bench_compress.py --speed-only --json J --anchors OLD.json   # re-time J's artifacts, with
+                                                                               # OLD's llama.cpp rows
 
 Each variant is compressed from the float base (gemma-3-270m: its 4-bit GGUF dequantized), saved as an
 artifact, reloaded from disk in the same process and measured: bits per weight (disk bytes x 8 / base
@@ -146,7 +148,13 @@ def speed_phase(rows: dict[str, dict], names: list[str], tokens: int, rounds: in
     return {"tokens": tokens, "rounds": rounds, "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
-def llamacpp_rows(model: str, windows: int, ctx: int) -> list[dict]:
+def llamacpp_rows(model: str, windows: int, ctx: int, saved: str | None = None) -> list[dict]:
+    if saved:
+        old = json.loads(Path(saved).read_text())
+        if (old.get("windows"), old.get("ctx")) != (windows, ctx):
+            raise SystemExit(f"--anchors {saved}: measured on {old.get('windows')} windows of {old.get('ctx')} tokens, "
+                             f"not {windows} of {ctx}; re-run without --anchors")
+        return old["anchors"]
     try:
         from anchors.llamacpp_quant import llamacpp_quant_rows
     except ImportError as e:
@@ -208,6 +216,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/leanfm-bench-compress")
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--anchors", help="take the llama.cpp rows from this earlier --json output instead of re-running "
+                                      "llama.cpp (same --windows and --ctx)")
     ap.add_argument("--json", default="benchmarks/results/compress.json")
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--from-json")
@@ -235,7 +245,7 @@ def main() -> None:
         rows = {r["variant"]: r for r in json.loads(partial.read_text())}
         speed = speed_phase(rows, [n for n in names if n in rows], args.speed_tokens, args.speed_rounds, args.threads)
         partial.write_text(json.dumps(list(rows.values()), indent=2, default=str))
-        anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx)
+        anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx, args.anchors)
         finish(rows, anchors, args, speed=speed)
         return
     # decode speed while building is a provisional one-run figure; the speed phase below replaces it
@@ -262,7 +272,7 @@ def main() -> None:
     if not args.skip_speed:
         speed = speed_phase(rows, names, args.speed_tokens, args.speed_rounds, args.threads)
         partial.write_text(json.dumps(list(rows.values()), indent=2, default=str))
-    anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx)
+    anchors = [] if args.no_llamacpp else llamacpp_rows(args.model, args.windows, args.ctx, args.anchors)
     for a in anchors:
         print(f"llama.cpp {a['name']}: {a['bits_per_weight']:.2f} bpw, ppl {a['ppl']:.3f}")
     finish(rows, anchors, args, speed=speed)
