@@ -17,6 +17,10 @@ codes + fp32 scales and zeros per --group-size weights; their bytes count toward
 leanfm fp32 kernel and torch's F.linear on the same shape in fp32, interleaved the same way; the
 quantized kernel in both activation modes: "x32" (x in fp32, codes converted to floats) and "x8" (x
 quantized to int8 per block of 32, integer dot products). --group-size -1 is per channel (group = K).
+
+--sparse fp32,bf16 times the 2:4-sparse kernel (leanfm.ops.kernels.sparse.linear_nm: kept values in that
+dtype + 2-bit indices, bytes count values and indices) against the leanfm fp32 kernel on the same shape
+(an fp32 weight), interleaved the same way; the tied LM head stays dense in a 2:4 model and is skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch.nn.functional as F
 
 from leanfm.ops import kernels
 from leanfm.ops.kernels.quant import linear_quant, pack_codes, set_activation_mode
+from leanfm.ops.kernels.sparse import linear_nm
+from leanfm.ops.sparsity import nm_compress, nm_mask, pack_indices_2bit
 
 # name, out_features, in_features, uses per token (Gemma 3 270M: 18 layers, tied 262144-token head)
 SHAPES = [
@@ -146,6 +152,42 @@ def bench_quant_shape(n, k, bits, group_size, rows, rounds, pool_mb, idle_wait, 
         set_activation_mode(None)
 
 
+def make_sparse_pool(n: int, k: int, dtype: torch.dtype, pool_mb: float) -> list[tuple]:
+    """Copies of (values, packed indices) of a 2:4-sparse (n, k) weight, >= pool_mb in all."""
+    per = n * k // 2 * torch.finfo(dtype).bits // 8 + n * k // 8
+    count = max(2, int(pool_mb * 2**20 // per) + 1)
+    base = []
+    for _ in range(min(count, 4)):  # nm_compress is slow: a few distinct weights, then copies
+        w = torch.randn(n, k)
+        values, idx = nm_compress(w * nm_mask(w.abs(), 2, 4), 2, 4)
+        base.append((values.to(dtype).contiguous(), pack_indices_2bit(idx).contiguous()))
+    return [tuple(t.clone() for t in base[i % len(base)]) for i in range(count)]
+
+
+def bench_sparse(dname: str, args, wanted: set[str]) -> None:
+    dtype = DTYPES[dname]
+    print(f"\n2:4 {dname}: kept values in {dname} + 2-bit indices; fp32 times the same shape with a dense fp32 weight")
+    print(f"2:4 {dname}: {'shape':>10} {'(out, in)':>14} | {'fp32 ms':>9} {'GB/s':>6} | {'2:4 ms':>9} {'GB/s':>6} | "
+          f"speedup (byte ratio)")
+    tok = {"fp32": 0.0, "2:4": 0.0}
+    for name, n, k, uses in SHAPES:
+        if name == "lm_head" or (wanted and name not in wanted):
+            continue
+        sbytes = n * k // 2 * torch.finfo(dtype).bits // 8 + n * k // 8
+        impls = {"fp32": (kernels.linear, make_pool(n, k, torch.float32, args.pool_mb), n * k * 4),
+                 "2:4": (lambda x, w, k=k: linear_nm(x, w[0], w[1], 2, 4, k),
+                         make_sparse_pool(n, k, dtype, args.pool_mb), sbytes)}
+        r = run_impls(impls, torch.randn(args.rows, k), args.rounds, args.wait_idle, args.stat)
+        (ft, fg), (st, sg) = r["fp32"], r["2:4"]
+        print(f"2:4 {dname}: {name:>10} {f'({n}, {k})':>14} | {ft * 1e3:9.3f} {fg:6.1f} | {st * 1e3:9.3f} {sg:6.1f} | "
+              f"{ft / st:5.2f}x ({n * k * 4 / sbytes:.2f}x)")
+        tok["fp32"] += ft * uses
+        tok["2:4"] += st * uses
+    if not wanted:
+        print(f"2:4 {dname}: {'decoder layers per token':>25} | {tok['fp32'] * 1e3:9.2f} ms fp32, "
+              f"{tok['2:4'] * 1e3:9.2f} ms 2:4 | {tok['fp32'] / tok['2:4']:5.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -153,6 +195,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, may be empty")
     ap.add_argument("--quant", default="q8,q4", help="weight-only quantized kernels to time (q8, q4)")
     ap.add_argument("--group-size", type=int, default=32, help="quantization group size")
+    ap.add_argument("--sparse", default="", help="2:4-sparse kernel with these value dtypes (fp32, bf16)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--pool-mb", type=float, default=320.0, help="weight copies per shape, MB")
     ap.add_argument("--shapes", default="", help="comma-separated subset of shape names")
@@ -197,6 +240,8 @@ def main() -> None:
 
     for qname in filter(None, args.quant.split(",")):
         bench_quant(qname, QUANT_BITS[qname], args, wanted)
+    for dname in filter(None, args.sparse.split(",")):
+        bench_sparse(dname, args, wanted)
 
 
 def bench_quant(qname: str, bits: int, args, wanted: set[str]) -> None:

@@ -11,8 +11,10 @@ It applies when all of these hold, and returns None otherwise (the block then ru
   * the block is fused (use_fused) and attn_meta is a KVCacheMeta whose float32 caches have room for
     the step; one new token per sequence; x float32 on the CPU; batch <= max_rows(); no autograd;
   * no forward hooks on the block's submodules nor global ones;
-  * q/k/v/o/gate/up/down are FastLinear (fp32 or bf16 weight) or QuantLinear (4 or 8 bits, groups of a
-    multiple of 32), with float32 biases if any; the norms are RMSNorm with one eps and flavour; the MLP's
+  * q/k/v/o/gate/up/down are FastLinear (fp32 or bf16 weight), QuantLinear (4 or 8 bits, groups of a
+    multiple of 32) or 2:4 SparseLinear (fp32 or bf16 values, in_features a multiple of 32), in any mix
+    (projections sharing an input but not a weight form run as separate kernels in the same call), with
+    float32 biases if any; the norms are RMSNorm with one eps and flavour; the MLP's
     activation has a fused kernel (gelu tanh, silu).
 The plan (tensor references and settings) is built on the first call and kept on the block; each call
 checks by identity that the block still holds the same modules, parameters and buffers (replacing a
@@ -40,6 +42,7 @@ from leanfm.models.blocks import RMSNorm
 from leanfm.models.interface import KVCacheMeta
 from leanfm.models.layers import FastLinear
 from leanfm.models.quant_layers import QuantLinear
+from leanfm.models.sparse_layers import SparseLinear
 from leanfm.ops import kernels as _kernels
 from leanfm.ops.kernels import fused
 from leanfm.ops.kernels import quant as _quant
@@ -48,6 +51,7 @@ __all__ = ["decode_block", "run_layers"]
 
 _FP32 = torch.float32
 _KIND = {torch.float32: 0, torch.bfloat16: 1}
+_KIND_S24 = {torch.float32: 24, torch.bfloat16: 25}  # 2:4-sparse values (csrc/linear_run.h)
 _ACT_SLOT = 19  # index of the int8-activation switch in the plan's ints (read at every call)
 
 
@@ -93,6 +97,12 @@ def _linear(m: nn.Module) -> tuple[list, list] | None:
         if not (m.qweight.is_contiguous() and m.scales.is_contiguous() and m.zeros.is_contiguous()):
             return None
         return [m.qweight, m.scales, m.zeros, bias], [m.bits, m.group_size]
+    if type(m) is SparseLinear and m.n == 2 and m.m == 4 and m.in_features % 32 == 0:
+        v, idx = m.values, m.indices
+        kind = _KIND_S24.get(v.dtype)
+        if kind is None or not (v.is_cpu and v.is_contiguous() and idx.is_contiguous()):
+            return None
+        return [v, idx, None, bias], [kind, 0]
     return None
 
 

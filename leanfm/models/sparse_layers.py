@@ -9,7 +9,8 @@ Of every M consecutive input weights of a row only N are stored (leanfm.ops.spar
 so a 2:4 fp32 weight takes 50% + 1/16 of its dense bytes. The forward scatters the values into a
 dense weight and calls F.linear (nothing is cached, so memory stays compressed); at decode time a 2:4
 layer runs leanfm's C++ kernel instead (leanfm.ops.kernels.sparse), which reads only the compressed
-bytes: about half of a dense fp32 layer's.
+bytes: about half of a dense fp32 layer's. In a prepared model's decode step the whole block, 2:4
+projections included, runs in one C++ call (leanfm.models.decode_plan).
 
     n = pack_nm_(model, 2, 4)      # every plain nn.Linear whose weight is 2:4 sparse -> SparseLinear
 """

@@ -16,6 +16,7 @@ from leanfm.compress import Step, compress_, config_from_dict
 from leanfm.engine.runtime import prepare_for_inference
 from leanfm.models import ContiguousKVCache, KVCacheMeta
 from leanfm.models.fusion import use_fused
+from leanfm.models.sparse_layers import SparseLinear
 from leanfm.ops import kernels
 from leanfm.ops.kernels import quant
 
@@ -167,3 +168,97 @@ def test_decode_plan_matches_module_path_with_quantized_and_bf16_layers(act):
     finally:
         quant.set_activation_mode(old)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _sparse24(model, include, bf16_values=()):
+    """2:4-prune and pack the matching projections (magnitude); bf16_values: SparseLinear names whose
+    kept values become bf16."""
+    compress_(model, Step(config_from_dict({"method": "magnitude", "sparsity": 0.5, "pattern": "2:4", "pack": True}),
+                          include=include), progress=False)
+    for name in bf16_values:
+        lin = model.get_submodule(name)
+        assert isinstance(lin, SparseLinear)
+        lin.values = lin.values.bfloat16()
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("variant", ["gemma3", "llama", "qwen2"])
+def test_decode_plan_runs_2of4_sparse_layers(variant, batch):
+    """Every projection 2:4-packed: the one-call block equals the module path (fusion off), and the
+    prepared model still equals the plain one."""
+    plain = _sparse24(make_tiny_model(variant, seed=9), ("model.layers.*",))
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, SparseLinear)
+    fast = prepare_for_inference(copy.deepcopy(plain), fast_kernels=True)
+    ids = torch.randint(0, 128, (batch, T), generator=torch.Generator().manual_seed(10))
+    got = run(fast, ids, STEPS)
+    if kernels.kernels_available():
+        assert all(layer.__dict__["_decode_plan"].ok for layer in fast.model.layers), variant
+    with torch.no_grad():
+        ref = plain.compute_logits(plain(ids, torch.arange(T)))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    use_fused(fast, False)
+    torch.testing.assert_close(got, run(fast, ids, STEPS), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_plan_with_mixed_sparse_dense_and_quantized_blocks(batch):
+    """Blocks mixing 2:4 (fp32 and bf16 values), dense fp32 and 4-bit projections, inside q/k/v and inside
+    gate/up: the one-call block against the module path."""
+    model = make_tiny_model("gemma3", seed=11)
+    _sparse24(model, ("model.layers.0.*", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.gate_proj",
+                      "model.layers.2.self_attn.k_proj", "model.layers.2.self_attn.v_proj",
+                      "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj", "model.layers.4.mlp.*"),
+              bf16_values=("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                           "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.gate_proj",
+                           "model.layers.0.mlp.up_proj", "model.layers.4.mlp.down_proj"))
+    compress_(model, Step(config_from_dict({"method": "rtn", "bits": 4, "group_size": 32}),
+                          include=("model.layers.3.*", "model.layers.4.self_attn.*")), progress=False)
+    prepare_for_inference(model, fast_kernels=True)
+    kinds = {type(m).__name__ for m in model.model.layers[1].modules()}
+    assert {"SparseLinear", "FastLinear"} <= kinds
+    ids = torch.randint(0, 128, (batch, T), generator=torch.Generator().manual_seed(12))
+    got = run(model, ids, STEPS)
+    if kernels.kernels_available():
+        assert all(layer.__dict__["_decode_plan"].ok for layer in model.model.layers)
+    use_fused(model, False)
+    torch.testing.assert_close(got, run(model, ids, STEPS), rtol=1e-4, atol=1e-4)
+
+
+class _IdTokenizer:
+    """Token ids as text ("3 17 ..."): enough of the tokenizer interface for the Generator."""
+
+    stop_token_ids = ()
+
+    def encode(self, text, add_special_tokens=True):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def stream_decoder(self, skip_special_tokens=True):
+        class Stream:
+            def push(self, i):
+                return f"{i} "
+
+            def flush(self):
+                return ""
+
+        return Stream()
+
+
+@pytest.mark.parametrize("variant", ["gemma3", "llama"])
+def test_generator_greedy_output_with_2of4_blocks(variant):
+    """Greedy decoding of a 2:4 model: the one-call blocks give the tokens the module path gives."""
+    from leanfm.engine.generate import Generator
+    from leanfm.engine.params import SamplingParams
+
+    model = _sparse24(make_tiny_model(variant, seed=13), ("model.layers.*",))
+    prepare_for_inference(model, fast_kernels=True)
+    gen = Generator(model, _IdTokenizer())
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    got = gen.generate("5 9 13 7 21", params).token_ids
+    if kernels.kernels_available():
+        assert all(layer.__dict__["_decode_plan"].ok for layer in model.model.layers)
+    use_fused(model, False)
+    assert got == gen.generate("5 9 13 7 21", params).token_ids and len(got) == 24

@@ -9,6 +9,7 @@
 #include "fused.h"
 #include "parallel.h"
 #include "qx.h"
+#include "sparse_nm.h"
 
 namespace leanfm_kernels {
 namespace {
@@ -20,6 +21,8 @@ int64_t row_bytes(const LinearRef& r) {
     case kF32: return r.K * 4;
     case kBF16: return r.K * 2;
     case kQ8: return r.K + 8 * r.K / r.group_size;
+    case kS24: return r.K * 2 + r.K / 8;
+    case kS24BF16: return r.K + r.K / 8;
     default: return r.K / 2 + 8 * r.K / r.group_size;
   }
 }
@@ -38,6 +41,16 @@ LinearRef make_linear_ref(int64_t kind, const at::Tensor& w, const at::Tensor* s
     TORCH_CHECK(w.size(1) == K && w.scalar_type() == (kind == kF32 ? at::kFloat : at::kBFloat16),
                 name, ": weight must be (N, ", K, ") ", kind == kF32 ? "float32" : "bfloat16");
     r.w = w.data_ptr();
+  } else if (kind == kS24 || kind == kS24BF16) {
+    TORCH_CHECK(K % 32 == 0, name, ": 2:4 weights need K % 32 == 0, got ", K);
+    TORCH_CHECK(w.size(1) * 2 == K && w.scalar_type() == (kind == kS24 ? at::kFloat : at::kBFloat16),
+                name, ": 2:4 values must be (N, ", K / 2, ") ", kind == kS24 ? "float32" : "bfloat16");
+    TORCH_CHECK(scales && scales->device().is_cpu() && scales->scalar_type() == at::kByte &&
+                    scales->is_contiguous() && scales->dim() == 2 && scales->size(0) == r.N &&
+                    scales->size(1) * 8 == K,
+                name, ": 2:4 indices must be contiguous uint8 (", r.N, ", ", K / 8, ")");
+    r.w = w.data_ptr();
+    r.indices = scales->data_ptr<uint8_t>();
   } else {
     TORCH_CHECK(kind == kQ4 || kind == kQ8, name, ": unknown weight kind ", kind);
     TORCH_CHECK(w.scalar_type() == at::kByte && w.size(1) * 8 == K * kind, name,
@@ -81,6 +94,9 @@ void run_linears(const float* x, int64_t M, int64_t K, const LinearRef* refs, si
   if (kind == kBF16) {
     xpk.resize(M * K);
     bf16_pack_x(x, M, K, xpk.data());
+  } else if (kind == kS24 || kind == kS24BF16) {
+    xpk.resize(M * K);
+    sparse24_pack_x(x, M, K, xpk.data());
   } else if (quant) {
     px = prepare_x(x, M, K, refs[0].group_size, int8_act);
   }
@@ -91,6 +107,11 @@ void run_linears(const float* x, int64_t M, int64_t K, const LinearRef* refs, si
       skinny_fp32(x, M, K, static_cast<const float*>(r.w), r.bias, ys[i], r.N, n0, n1);
     } else if (kind == kBF16) {
       skinny_bf16(xpk.data(), M, K, static_cast<const uint16_t*>(r.w), r.bias, ys[i], r.N, n0, n1);
+    } else if (kind == kS24) {
+      sparse24_fp32(xpk.data(), M, K, static_cast<const float*>(r.w), r.indices, r.bias, ys[i], r.N, n0, n1);
+    } else if (kind == kS24BF16) {
+      sparse24_bf16(xpk.data(), M, K, static_cast<const uint16_t*>(r.w), r.indices, r.bias, ys[i], r.N, n0,
+                    n1);
     } else {
       QuantArgs a = px.args(M, K, G, r.group_size);
       a.q = static_cast<const uint8_t*>(r.w);

