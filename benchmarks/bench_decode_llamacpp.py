@@ -1,16 +1,18 @@
 """Batch-1 decode: leanfm against llama.cpp at the nearest quantization, and against transformers, in one run.
 
     python benchmarks/bench_decode_llamacpp.py [--threads 2] [--tokens 64] [--prompt 64] [--rounds 5]
-        [--pairs fp32,int8,int4,int4h8] [--no-transformers] [--int8-act int8|fp32] [--json OUT]
+        [--pairs fp32,int8,int4,int4h8] [--no-transformers] [--engine] [--int8-act int8|fp32] [--json OUT]
 
 Pairs (leanfm model | llama.cpp file), all from gemma-3-270m's float base (the Q4_K_M GGUF dequantized):
   fp32    leanfm float32                              | F32 GGUF written by leanfm's exporter
   int8    leanfm RTN int8 per channel, layers + head   | Q8_0 (llama.cpp's quantizer, from leanfm's F16 export)
   int4    leanfm RTN int4 g128, layers + head          | Q4_0 (llama.cpp keeps its own per-tensor rules:
   int4h8  leanfm RTN int4 g32 layers, int8 head        |   see the tensor types printed for its head)
-leanfm runs `prepare_for_inference` (C++ kernels, fused decode paths) and its quantized kernels in the
-activation mode of --int8-act (default: the library default). llama.cpp runs through llama-cpp-python with
-n_threads = n_threads_batch = --threads. transformers runs the float32 HF directory (`generate`, greedy).
+leanfm runs the plain Generator (contiguous KV cache) and, with --engine, also the serving engine (LLM with
+one request: paged KV cache, scheduler, sampler) on the same model; both after `prepare_for_inference` (C++
+kernels, fused decode paths), the quantized kernels in the activation mode of --int8-act (default: the library
+default). llama.cpp runs through llama-cpp-python with n_threads = n_threads_batch = --threads. transformers
+runs the float32 HF directory (`generate`, greedy).
 
 Every engine decodes --tokens tokens greedily (EOS ignored) after the same --prompt prompt tokens; the rate
 is (tokens - 1) / decode time (the first token comes from the prefill). Rounds interleave all engines (so
@@ -79,6 +81,24 @@ class Leanfm:
 
         r = self.gen.generate(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
         return r.decode_tokens_per_second, list(r.token_ids)
+
+
+class LeanfmEngine:
+    """The serving engine (LLM: paged KV cache, scheduler, one request at a time) instead of the Generator."""
+
+    def __init__(self, name: str, model, tokenizer):
+        from leanfm.engine.llm import LLM
+        from leanfm.engine.runtime import prepare_for_inference
+
+        prepare_for_inference(model)
+        self.name, self.bytes = name, linear_bytes(model)
+        self.llm = LLM(model, tokenizer=tokenizer, max_num_seqs=1, enable_prefix_caching=False)
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        from leanfm.engine.params import SamplingParams
+
+        out = self.llm.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
+        return out.metrics.decode_tokens_per_second, list(out.token_ids)
 
 
 def gguf_info(path) -> tuple[int, str, dict[str, int]]:
@@ -156,6 +176,8 @@ def build(args, lm):
         if t not in llamas:  # one llama.cpp context per file, shared by the pairs that use it
             llamas[t] = LlamaCpp(f"llama.cpp {t}", files[t], args.threads, n_ctx)
         engines.append((Leanfm(f"leanfm {p}", model, lm.tokenizer), llamas[t]))
+        if args.engine:
+            engines.append((LeanfmEngine(f"leanfm {p} engine", model, lm.tokenizer), llamas[t]))
     return engines
 
 
@@ -168,6 +190,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pairs", default="fp32,int8,int4,int4h8")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--engine", action="store_true", help="also run each leanfm model through the serving engine (LLM)")
     ap.add_argument("--int8-act", choices=["fp32", "int8"], help="leanfm's quantized kernels' activation mode")
     ap.add_argument("--json")
     args = ap.parse_args()
