@@ -207,8 +207,7 @@ class AsyncLLM:
                 except BaseException as exc:  # the engine's state is unknown now: fail everyone
                     self._fail(exc)
                     return
-                for req in updated:
-                    self._deliver(req.request_id, req.output())
+                self._deliver_step([(req.request_id, req.output()) for req in updated])
         for req_id in list(self._sinks):
             self._abort(req_id)
 
@@ -239,6 +238,24 @@ class AsyncLLM:
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             pass
 
+    def _deliver_step(self, items: list[tuple[str, RequestOutput]]) -> None:
+        """A step's outputs: one wake-up per caller loop (not one per request), so the loop thread takes
+        the GIL once per step to fan them out instead of once per stream."""
+        batches: dict[Any, list] = {}
+        for request_id, item in items:
+            sink = self._sinks.get(request_id)
+            if item.finished:
+                self._sinks.pop(request_id, None)
+                with self._cv:
+                    self._active.discard(request_id)
+            if sink is not None:
+                batches.setdefault(sink[0], []).append((sink[1], item))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_fan_out, batch)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
     def _fail(self, exc: BaseException) -> None:
         with self._cv:
             self._error = exc
@@ -248,6 +265,11 @@ class AsyncLLM:
             future.set_exception(LeanfmError(f"the engine failed: {exc!r}"))
         for req_id in list(self._sinks):
             self._deliver(req_id, LeanfmError(f"the engine failed: {exc!r}"))
+
+
+def _fan_out(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
 
 
 def _resolve(future: Future, fn: Callable[[], Any]) -> None:

@@ -2,11 +2,11 @@
 
 A request's tokens are its prompt followed by its outputs (behind `num_virtual_tokens` placeholder ids
 when the model carries a prompt or prefix tuning adapter, which fills their positions 0..n-1 with its
-virtual tokens: leanfm.tune.prompt; outputs and metrics show the prompt without them); `num_computed_tokens` counts those whose KV
-is in the cache. Each step the scheduler lets it catch up: a whole or partial prompt (prefill, chunked
-prefill, after a prefix hit or a preemption) or the one token sampled last step (decode), followed by
-the draft tokens `spec_token_ids` when speculative decoding proposed some (then it rolls back past the
-rejected ones).
+virtual tokens: leanfm.tune.prompt; outputs and metrics show the prompt without them);
+`num_computed_tokens` counts those whose KV is in the cache. Each step the scheduler lets it catch up: a
+whole or partial prompt (prefill, chunked prefill, after a prefix hit or a preemption) or the one token
+sampled last step (decode), followed by the draft tokens `spec_token_ids` when speculative decoding
+proposed some (then it rolls back past the rejected ones).
 The per-request random generator lives in the runner (it is a tensor-side object), keyed by request id
 and seeded from `params.seed`; it survives preemption, so a seed gives the same tokens in any batch.
 """

@@ -29,3 +29,14 @@ def test_port_in_use_is_one_line():
                               str(s.getsockname()[1])], capture_output=True, text=True, timeout=300)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: cannot listen on"), res.stderr
+
+
+def test_serve_turns_the_kernels_thread_retreat_off_unless_asked():
+    from leanfm.cli_serve import server_thread_policy
+
+    env: dict[str, str] = {}
+    server_thread_policy(env)
+    assert env == {"LEANFM_ADAPTIVE_THREADS": "0"}
+    env = {"LEANFM_ADAPTIVE_THREADS": "1"}
+    server_thread_policy(env)
+    assert env == {"LEANFM_ADAPTIVE_THREADS": "1"}  # the user's choice stands
