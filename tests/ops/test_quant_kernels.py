@@ -21,6 +21,29 @@ from leanfm.ops.kernels.quant import (
 )
 
 
+@pytest.fixture(scope="module")
+def built():
+    if not kernels.kernels_enabled():
+        pytest.skip("leanfm C++ kernels disabled by LEANFM_KERNELS=0")
+    if not kernels.kernels_available():
+        pytest.skip(f"leanfm C++ kernels unavailable: {kernels.status().get('error')}")
+    return torch.ops.leanfm_kernels
+
+
+@pytest.fixture
+def env_settings(monkeypatch):
+    """Set LEANFM_KERNELS* for one test; settings are re-read before and after."""
+
+    def set_env(**env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        kernels.reload_settings()
+
+    yield set_env
+    monkeypatch.undo()
+    kernels.reload_settings()
+
+
 def make_quant(n, k, bits, group_size, seed=0, symmetric=False):
     """Random codes, scales and zeros in the storage format: (qweight, scales, zeros, codes)."""
     g = torch.Generator().manual_seed(seed)
