@@ -225,26 +225,15 @@ class AsyncLLM:
             self._deliver(request_id, req.output())
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        sink = self._sinks.get(request_id)
-        if isinstance(item, BaseException) or item.finished:
-            self._sinks.pop(request_id, None)
-            with self._cv:
-                self._active.discard(request_id)
-        if sink is None:
-            return
-        loop, queue = sink
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
+        self._deliver_step([(request_id, item)])
 
-    def _deliver_step(self, items: list[tuple[str, RequestOutput]]) -> None:
-        """A step's outputs: one wake-up per caller loop (not one per request), so the loop thread takes
-        the GIL once per step to fan them out instead of once per stream."""
+    def _deliver_step(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Outputs (or errors) to their callers: one wake-up per caller loop (not one per request), so the
+        loop thread takes the GIL once per step to fan them out instead of once per stream."""
         batches: dict[Any, list] = {}
         for request_id, item in items:
             sink = self._sinks.get(request_id)
-            if item.finished:
+            if isinstance(item, BaseException) or item.finished:
                 self._sinks.pop(request_id, None)
                 with self._cv:
                     self._active.discard(request_id)
@@ -267,7 +256,7 @@ class AsyncLLM:
             self._deliver(req_id, LeanfmError(f"the engine failed: {exc!r}"))
 
 
-def _fan_out(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _fan_out(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
     for queue, item in batch:
         queue.put_nowait(item)
 

@@ -84,17 +84,13 @@ class MultiLoraHost:
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        state = self.lora_state
-        if not state.groups:
-            return out
-        factors = self.lora_factors
-        if not any(g.lora_id in factors for g in state.groups):
+        if self.lora_idle():
             return out
         stacked = self.__dict__.get("_lora_stacked")
         if stacked is None:
-            stacked = self.__dict__["_lora_stacked"] = stack_lora(factors)
+            stacked = self.__dict__["_lora_stacked"] = stack_lora(self.lora_factors)
         x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
-        stacked_lora_add_(out2, x2, stacked, state.mask(stacked, x2.shape[0], x2.device))
+        stacked_lora_add_(out2, x2, stacked, self.lora_state.mask(stacked, x2.shape[0], x2.device))
         return out2.view(out.shape)
 
     def lora_idle(self) -> bool:
