@@ -97,7 +97,7 @@ def test_linear_group(built, wdtype):
     k = 96
     ws = [torch.randn(n, k, generator=g).to(wdtype) for n in (64, 17, 16)]
     bs = [torch.randn(64, generator=g), None, torch.randn(16, generator=g)]
-    for m in (1, 3, 8):
+    for m in (1, 3, 8, 17):  # fp32 from 8 rows on: x transposed once for the outer-product tiles
         x = torch.randn(m, 1, k, generator=g)
         ys = built.linear_group(x, ws, bs, -1)
         for y, w, b in zip(ys, ws, bs, strict=True):
@@ -111,7 +111,7 @@ def test_linear_group_gated(built, act):
     g = torch.Generator().manual_seed(1)
     k, n = 64, 77
     wg, wu = torch.randn(n, k, generator=g) / 8, torch.randn(n, k, generator=g) / 8
-    for m in (1, 2, 5):
+    for m in (1, 2, 5, 16):
         x = torch.randn(m, k, generator=g)
         (h,) = built.linear_group(x, [wg, wu], [None, None], fused.ACTS[act])
         ref = fused.gated_act_reference(F.linear(x, wg), F.linear(x, wu), act)

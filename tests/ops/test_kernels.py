@@ -68,7 +68,9 @@ def test_fp32_matches_reference(built, k, n, bias):
     g = torch.Generator().manual_seed(k * 101 + n)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    for m in (*range(1, 10), 13, 33):  # every path of the x-row blocking, and past the threshold
+    # every path of the x-row blocking: dot-product tiles below 8 rows, outer-product tiles of 8 and
+    # 16 rows from 8 on (one or more groups, a padded last group), and past the threshold
+    for m in (*range(1, 10), 13, 16, 17, 24, 33):
         x = torch.randn(m, k, generator=g)
         assert_fp32_close(built.linear_fp32(x, w, b), x, w, b)
 

@@ -278,3 +278,40 @@ def test_prefill_dequantizes_in_chunks(monkeypatch, xdtype):
         torch.testing.assert_close(y, ref)
     else:  # W and the GEMM in bf16
         torch.testing.assert_close(y.float(), ref.float(), rtol=2**-6, atol=0.05)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group_size", [32, 128, 256])
+def test_dequantize_op_is_bit_exact(built, bits, group_size):
+    """csrc/dequant.cpp's one-pass dequantization equals quant.dequantize bit for bit."""
+    qw, s, z, _ = make_quant(37, 256, bits, group_size, seed=bits + group_size)
+    assert torch.equal(built.dequantize_weight(qw, s, z, bits, group_size), dequantize(qw, s, z, bits, group_size))
+    with pytest.raises(RuntimeError, match="group_size"):
+        built.dequantize_weight(qw, s, z, bits, 48)
+
+
+def test_quantize_act_op_is_bit_exact(built):
+    x = torch.randn(5, 3, 96) * torch.logspace(-3, 2, 96)
+    x[0, 0, :32] = 0.0  # an all-zero block: scale 0, codes 0
+    x[1, 1, 5] = 1e30  # one huge value flattens its block
+    assert torch.equal(built.quantize_act_q8(x), quant.quantize_activations_q8(x))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        built.quantize_act_q8(torch.randn(2, 40))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_row_result_independent_of_row_count(built, bits, mode):
+    """A row's output is the same whether it runs alone (decode kernel) or among prefill rows (dequantize
+    + GEMM): with int8 activations the GEMM path rounds x as the kernel does."""
+    old = quant.set_activation_mode(mode)
+    try:
+        qw, s, z, _ = make_quant(40, 128, bits, 32, seed=5)
+        x = torch.randn(kernels.max_rows() + 9, 128) * 2
+        many = linear_quant(x, qw, s, z, bits, 32)
+        alone = torch.cat([linear_quant(x[i : i + 1], qw, s, z, bits, 32) for i in range(3)])
+        torch.testing.assert_close(many[:3], alone, rtol=1e-5, atol=1e-5)
+        ref = linear_quant_reference(x, qw, s, z, bits, 32, act=mode)
+        torch.testing.assert_close(many, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        quant.set_activation_mode(old)

@@ -15,9 +15,12 @@ reach most of it.
     requires grad);
   * dtypes: fp32 x with fp32 weight, or bf16 weight with fp32 or bf16 x (fp32 accumulation);
   * rows = x.numel() // K <= max_rows() (LEANFM_KERNELS_MAX_ROWS, default 32): beyond that the
-    problem is compute-bound and the BLAS GEMM wins. Measured on 2 AVX2 cores, fp32 GFLOP/s kernel /
-    torch GEMM: 16 rows 125/81 (640->2048), 93/38 (gemma's 640->262144 head); 32 rows 91-118/81-100,
-    99/58; 64 rows about even on the layers (113-129/113-126), 101/78 on the head; 128 rows 104-123/138-144.
+    problem is compute-bound and the BLAS GEMM catches up. Below 8 rows the kernels are dot-product
+    tiles (csrc/blocking.h); from 8 rows on fp32 weights use outer-product tiles over x transposed
+    once per call (csrc/skinny_fp32_bcast.cpp). Measured on 2 AVX2 cores (fp32 FMA peak ~167 GFLOP/s),
+    GFLOP/s kernel / torch GEMM, best of 5: 16 rows 140/92 (640->2048), 127/74 (2048->640), 130/37
+    (gemma's 640->262144 head, streamed from DRAM); 32 rows 136/116, 131/101, 119/47; 64 rows about
+    even on the layers (141/127, 135/133), 118/63 on the head. The dot-product tiles did 73-78 at 16 rows.
 A non-contiguous x is copied (it is small: rows * K values); a non-contiguous weight falls back.
 
 fp32 x with a bf16 weight is also accepted by the fallback, which computes

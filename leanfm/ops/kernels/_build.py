@@ -27,10 +27,10 @@ import torch
 log = logging.getLogger("leanfm.ops.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ops.cpp", "skinny_fp32.cpp", "skinny_bf16.cpp", "skinny_q8.cpp", "skinny_q4.cpp", "sparse_nm.cpp",
+SOURCES = ("ops.cpp", "skinny_fp32.cpp", "skinny_fp32_bcast.cpp", "skinny_bf16.cpp", "skinny_q8.cpp", "skinny_q4.cpp", "sparse_nm.cpp",
            "sparse_nm_ops.cpp", "parallel.cpp", "fused_math.cpp", "fused_ops.cpp", "group_ops.cpp",
            "skinny_qx.cpp", "linear_run.cpp", "decode_layer.cpp", "paged_decode.cpp", "paged_decode_ops.cpp",
-           "paged_decode_layer.cpp")
+           "paged_decode_layer.cpp", "dequant.cpp")
 CFLAGS = ("-O3", "-fopenmp", "-Wall")  # ISA flags are per file (#pragma GCC target), see kernels.h
 LDFLAGS = ("-fopenmp",)
 

@@ -22,14 +22,16 @@ zeros are integer-valued floats (symmetric quantization: zeros = 2**(bits - 1)).
 The kernel reads only the codes, scales and zeros (0.5 or 1 byte per weight + 8 bytes per group),
 accumulates in fp32 and returns x's dtype. Otherwise (prefill, odd shapes, no kernels) it
 dequantizes W once per call, in chunks of rows to bound the temporary memory, and uses F.linear:
-the dequantization is N*K work against the GEMM's M*N*K. In that path fp32 x uses an fp32 W; a
-bf16 x uses W rounded to bf16 (the GEMM runs in bf16, like an unquantized bf16 model's).
+the dequantization is N*K work against the GEMM's M*N*K (one pass in C++, csrc/dequant.cpp, when
+the library is built). In that path fp32 x uses an fp32 W; a bf16 x uses W rounded to bf16 (the
+GEMM runs in bf16, like an unquantized bf16 model's).
 
 `linear_quant_reference` is the meaning the kernel is tested against: dequantize to fp32,
 F.linear in fp32, cast to x's dtype.
 
-Activation mode of the kernel (LEANFM_QUANT_ACT, or set_activation_mode; the fallback path is
-always fp32):
+Activation mode (LEANFM_QUANT_ACT, or set_activation_mode). It holds for every row count: the
+fallback path rounds x the same way before its GEMM (when K % 32 == 0), so a request's result does
+not depend on whether its rows went through the kernel (decode) or the GEMM (prefill):
   * "fp32": x as is; codes are converted to floats and multiplied in fp32 (compute-bound, ~15 GB/s).
   * "int8": x quantized once per call to int8 per block of 32 values (llama.cpp's Q8_0 for
     activations: scale = max|x| / 127, codes round(x / scale)), then integer dot products with the
@@ -59,6 +61,7 @@ _FP32, _BF16, _U8 = torch.float32, torch.bfloat16, torch.uint8
 _CHUNK_WEIGHTS = 1 << 22  # dequantize at most this many weights at a time (16 MB of fp32)
 _qops: dict[int, object] | None = None  # bits -> torch op, {} if the library is unavailable
 _act: int | None = None  # the activation mode's code, read from LEANFM_QUANT_ACT on first use
+_ns = None  # torch.ops.leanfm_kernels once loaded, False if the library is unavailable
 
 
 def activation_code() -> int:
@@ -159,21 +162,49 @@ def linear_quant_reference(
     return F.linear(xf, w, b).to(x.dtype)
 
 
+def _fast_prefill_ops(x: Tensor, qweight: Tensor, bits: int, group_size: int):
+    """The C++ dequantize / activation-rounding ops (csrc/dequant.cpp) when they apply, else None."""
+    if (bits != 4 and bits != 8) or group_size % 32 or qweight.dtype != _U8 or not _kernels.kernels_enabled():
+        return None
+    if not (x.is_cpu and qweight.is_cpu) or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    return _ops_ns() or None
+
+
+def _ops_ns():
+    global _ns
+    if _ns is None:
+        _ns = torch.ops.leanfm_kernels if _build.load() else False
+    return _ns
+
+
 def _dequant_linear(x, qweight, scales, zeros, bits, group_size, bias):
-    """F.linear with W dequantized to x's dtype (fp32 for other dtypes), in chunks of rows."""
+    """F.linear with W dequantized to x's dtype (fp32 for other dtypes), in chunks of rows; with int8
+    activations (and K % 32 == 0) x is first rounded as the decode kernels round it, so a row's result
+    does not depend on how many rows share the call."""
     dtype = x.dtype if x.dtype in (_FP32, _BF16) else _FP32
-    xd = x.to(dtype)
+    ns = _fast_prefill_ops(x, qweight, bits, group_size)
+    int8_act = (_act if _act is not None else activation_code()) == 1 and x.shape[-1] % 32 == 0
+    if int8_act:
+        xd = (ns.quantize_act_q8(x) if ns is not None else quantize_activations_q8(x)).to(dtype)
+    else:
+        xd = x.to(dtype)
     bd = None if bias is None else bias.to(dtype)
+
+    def weight(i, j):
+        if ns is not None and not scales.requires_grad and not zeros.requires_grad:
+            return ns.dequantize_weight(qweight[i:j], scales[i:j], zeros[i:j], bits, group_size).to(dtype)
+        return dequantize(qweight[i:j], scales[i:j], zeros[i:j], bits, group_size, dtype)
+
     n, g = scales.shape
     chunk = max(1, _CHUNK_WEIGHTS // max(1, g * group_size))
     if n <= chunk:
-        y = F.linear(xd, dequantize(qweight, scales, zeros, bits, group_size, dtype), bd)
+        y = F.linear(xd, weight(0, n), bd)
     else:
         parts = []
         for i in range(0, n, chunk):
             j = min(n, i + chunk)
-            w = dequantize(qweight[i:j], scales[i:j], zeros[i:j], bits, group_size, dtype)
-            parts.append(F.linear(xd, w, None if bd is None else bd[i:j]))
+            parts.append(F.linear(xd, weight(i, j), None if bd is None else bd[i:j]))
         y = torch.cat(parts, dim=-1)
     return y.to(x.dtype)
 

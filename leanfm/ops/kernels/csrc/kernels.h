@@ -23,6 +23,15 @@ bool cpu_supported();
 void skinny_fp32(const float* x, int64_t M, int64_t K, const float* w, const float* bias,
                  float* y, int64_t N, int64_t n0, int64_t n1);
 
+// The same for M >= kOuterMinRows (skinny_fp32_bcast.cpp): x transposed once per call by fp32_pack_xt
+// into fp32_xt_size(M, K) floats, 32-byte aligned, then an outer-product tile per thread.
+constexpr int64_t kOuterMinRows = 8;
+int64_t fp32_xt_width(int64_t M);
+int64_t fp32_xt_size(int64_t M, int64_t K);
+void fp32_pack_xt(const float* x, int64_t M, int64_t K, float* xt);
+void skinny_fp32_xt(const float* xt, int64_t M, int64_t K, const float* w, const float* bias, float* y,
+                    int64_t N, int64_t n0, int64_t n1);
+
 // bf16 weights (raw uint16 bit patterns), fp32 accumulation.
 // xp must come from bf16_pack_x (x as fp32, reordered to match the bf16 unpacking; same size M*K);
 // x itself may be fp32 or bf16 (raw uint16).

@@ -100,10 +100,19 @@ void run_linears(const float* x, int64_t M, int64_t K, const LinearRef* refs, si
   } else if (quant) {
     px = prepare_x(x, M, K, refs[0].group_size, int8_act);
   }
+  const bool outer = kind == kF32 && M >= kOuterMinRows;
+  at::Tensor xt;  // outer-product path: x transposed once (64-byte aligned storage)
+  if (outer) {
+    xt = at::empty({fp32_xt_size(M, K)}, at::TensorOptions().dtype(at::kFloat));
+    fp32_pack_xt(x, M, K, xt.data_ptr<float>());
+  }
+  const float* xtp = outer ? xt.data_ptr<float>() : nullptr;
   const int64_t G = quant ? K / refs[0].group_size : 0;
   auto seg = [&](size_t i, int64_t n0, int64_t n1) {
     const LinearRef& r = refs[i];
-    if (kind == kF32) {
+    if (outer) {
+      skinny_fp32_xt(xtp, M, K, static_cast<const float*>(r.w), r.bias, ys[i], r.N, n0, n1);
+    } else if (kind == kF32) {
       skinny_fp32(x, M, K, static_cast<const float*>(r.w), r.bias, ys[i], r.N, n0, n1);
     } else if (kind == kBF16) {
       skinny_bf16(xpk.data(), M, K, static_cast<const uint16_t*>(r.w), r.bias, ys[i], r.N, n0, n1);

@@ -101,6 +101,14 @@ at::Tensor linear_fp32(const at::Tensor& x_in, const at::Tensor& w,
   const float* wp = w.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  if (M >= kOuterMinRows) {
+    at::Tensor xt = at::empty({fp32_xt_size(M, K)}, x.options());  // 64-byte aligned storage
+    float* xtp = xt.data_ptr<float>();
+    fp32_pack_xt(xp, M, K, xtp);
+    split_columns(N, K, sizeof(float),
+                  [&](int64_t n0, int64_t n1) { skinny_fp32_xt(xtp, M, K, wp, bp, yp, N, n0, n1); });
+    return y;
+  }
   split_columns(N, K, sizeof(float),
                 [&](int64_t n0, int64_t n1) { skinny_fp32(xp, M, K, wp, bp, yp, N, n0, n1); });
   return y;
