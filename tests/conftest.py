@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from leanfm.models import ModelConfig, RopeScaling, build_model
+from leanfm.ops import kernels
 
 WINDOW = 8
 _BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -178,3 +179,29 @@ def tiny_model_dir(tmp_path_factory):
 
     model = make_tiny_model("gemma3", seed=0, **BYTE_VOCAB)
     return save_hf_dir(model, tmp_path_factory.mktemp("models") / "tiny-gemma3", tokenizer=make_byte_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def built():
+    """torch.ops.leanfm_kernels, built on first use; the test is skipped (with the reason) where the C++
+    kernels are disabled or cannot be built. tests/ops modules with their own availability test
+    (sparse, paged decode) override it."""
+    if not kernels.kernels_enabled():
+        pytest.skip("leanfm C++ kernels disabled by LEANFM_KERNELS=0")
+    if not kernels.kernels_available():
+        pytest.skip(f"leanfm C++ kernels unavailable: {kernels.status().get('error')}")
+    return torch.ops.leanfm_kernels
+
+
+@pytest.fixture
+def env_settings(monkeypatch):
+    """Set LEANFM_KERNELS* for one test; settings are re-read before and after."""
+
+    def set_env(**env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        kernels.reload_settings()
+
+    yield set_env
+    monkeypatch.undo()
+    kernels.reload_settings()

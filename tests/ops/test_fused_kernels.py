@@ -13,15 +13,6 @@ from leanfm.ops import kernels
 from leanfm.ops.kernels import fused
 
 
-@pytest.fixture(scope="module")
-def built():
-    if not kernels.kernels_enabled():
-        pytest.skip("leanfm C++ kernels disabled by LEANFM_KERNELS=0")
-    if not kernels.kernels_available():
-        pytest.skip(f"leanfm C++ kernels unavailable: {kernels.status().get('error')}")
-    return torch.ops.leanfm_kernels
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -17,15 +17,6 @@ from leanfm.ops.kernels import fused, quant
 from leanfm.ops.kernels.quant import dequantize, linear_quant, linear_quant_reference, pack_codes
 
 
-@pytest.fixture(scope="module")
-def built():
-    if not kernels.kernels_enabled():
-        pytest.skip("leanfm C++ kernels disabled by LEANFM_KERNELS=0")
-    if not kernels.kernels_available():
-        pytest.skip(f"leanfm C++ kernels unavailable: {kernels.status().get('error')}")
-    return torch.ops.leanfm_kernels
-
-
 def make_quant(n, k, bits, group_size, seed=0, symmetric=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)

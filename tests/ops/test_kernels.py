@@ -19,29 +19,6 @@ from leanfm.models.layers import FastLinear, use_fast_linear, use_plain_linear
 from leanfm.ops import kernels
 
 
-@pytest.fixture(scope="module")
-def built():
-    if not kernels.kernels_enabled():
-        pytest.skip("leanfm C++ kernels disabled by LEANFM_KERNELS=0")
-    if not kernels.kernels_available():
-        pytest.skip(f"leanfm C++ kernels unavailable: {kernels.status().get('error')}")
-    return torch.ops.leanfm_kernels
-
-
-@pytest.fixture
-def env_settings(monkeypatch):
-    """Set LEANFM_KERNELS* for one test; settings are re-read before and after."""
-
-    def set_env(**env):
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        kernels.reload_settings()
-
-    yield set_env
-    monkeypatch.undo()
-    kernels.reload_settings()
-
-
 def reference64(x, w, b=None):
     return F.linear(x.double(), w.double(), None if b is None else b.double())
 

@@ -21,29 +21,6 @@ from leanfm.ops.kernels.quant import (
 )
 
 
-@pytest.fixture(scope="module")
-def built():
-    if not kernels.kernels_enabled():
-        pytest.skip("leanfm C++ kernels disabled by LEANFM_KERNELS=0")
-    if not kernels.kernels_available():
-        pytest.skip(f"leanfm C++ kernels unavailable: {kernels.status().get('error')}")
-    return torch.ops.leanfm_kernels
-
-
-@pytest.fixture
-def env_settings(monkeypatch):
-    """Set LEANFM_KERNELS* for one test; settings are re-read before and after."""
-
-    def set_env(**env):
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        kernels.reload_settings()
-
-    yield set_env
-    monkeypatch.undo()
-    kernels.reload_settings()
-
-
 def make_quant(n, k, bits, group_size, seed=0, symmetric=False):
     """Random codes, scales and zeros in the storage format: (qweight, scales, zeros, codes)."""
     g = torch.Generator().manual_seed(seed)
@@ -310,8 +287,9 @@ def test_row_result_independent_of_row_count(built, bits, mode):
         x = torch.randn(kernels.max_rows() + 9, 128) * 2
         many = linear_quant(x, qw, s, z, bits, 32)
         alone = torch.cat([linear_quant(x[i : i + 1], qw, s, z, bits, 32) for i in range(3)])
-        torch.testing.assert_close(many[:3], alone, rtol=1e-5, atol=1e-5)
+        tol = 1e-5 * float(many.abs().max())  # fp32 rounding of sums in another order
+        torch.testing.assert_close(many[:3], alone, rtol=1e-5, atol=tol)
         ref = linear_quant_reference(x, qw, s, z, bits, 32, act=mode)
-        torch.testing.assert_close(many, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(many, ref, rtol=1e-5, atol=tol)
     finally:
         quant.set_activation_mode(old)
