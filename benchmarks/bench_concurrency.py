@@ -15,7 +15,9 @@ Per weight format (fp32: leanfm's float base; int8: a `leanfm compress --method 
             exports of the float base for fp32, llama.cpp's Q8_0 for int8 (files of
             benchmarks/anchors/llamacpp_quant.py's cache; run it once to create them).
 Prints medians and the ratios leanfm / batch1 (target >= 4x) and leanfm / llama.cpp (target >= 2x),
-by wall clock and per CPU-second of the process (time.process_time), with the machine's load.
+by wall clock and per CPU-second of the process (time.process_time), with the machine's load; then the
+workload's FLOPs and the most output tok/s any engine could reach at this process's best fp32 GEMM
+rate (benchmarks/workload_bound.py), and what share of that bound each target asks for.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_engine import concurrent, corpus_prompts  # noqa: E402
+from workload_bound import measured_gemm_peak, workload_flops  # noqa: E402
 
 GGUF_FOR = {"fp32": ("F32.gguf", "F16.gguf"), "int8": ("Q8_0*.gguf",)}
 
@@ -109,6 +112,23 @@ def summarize(rows: dict) -> dict:
     return {"medians": med, "ratios": ratios}
 
 
+def compute_bound(loaded, prompts, n_out: int, medians: dict) -> dict:
+    """The workload's FLOPs (workload_bound.py), the fastest it could run at this process's best fp32
+    GEMM rate, and what each target (4x own batch-1, 2x llama.cpp) asks of that bound."""
+    flops = workload_flops(loaded.model.config, [len(p) for p in prompts], n_out)
+    peak = measured_gemm_peak()
+    max_tok_s = len(prompts) * n_out / (flops["total"] / (peak * 1e9))
+    targets = {}
+    for key, m in medians.items():
+        fmt, who = key.split(" ", 1)
+        factor = 4 if who == "batch1" else 2 if who.startswith("llama.cpp") else None
+        if factor:
+            need = factor * m["output_tok_s"]
+            targets[f"{fmt}: {factor}x {who}"] = {"tok_s": need, "of_bound": need / max_tok_s}
+    return {"tflop": flops["total"] / 1e12, "flops": flops, "gemm_peak_gflops": peak,
+            "max_output_tok_s": max_tok_s, "targets": targets}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma-3-270m")
@@ -131,8 +151,14 @@ def main() -> None:
         for fmt, loaded in models.items():
             run_round(loaded, fmt, prompts, args, rows)
     result.update(summarize(rows), rounds=rows, loadavg_end=os.getloadavg())
+    result["bound"] = compute_bound(next(iter(models.values())), prompts, args.tokens, result["medians"])
     for key, r in result["ratios"].items():
         print(f"{key:<40} {r['wall']:6.2f}x wall   {r['cpu']:6.2f}x per CPU-second")
+    b = result["bound"]
+    print(f"compute bound: {b['tflop']:.2f} TFLOP at the measured fp32 GEMM peak {b['gemm_peak_gflops']:.0f} GFLOP/s "
+          f"-> at most {b['max_output_tok_s']:.1f} output tok/s on this machine")
+    for key, need in b["targets"].items():
+        print(f"  {key:<38} needs {need['tok_s']:6.1f} tok/s = {need['of_bound']:.0%} of the bound")
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).write_text(text)
