@@ -48,6 +48,7 @@ def formula(config, n_tokens: int, chunk: int, block_size: int) -> dict:
     return {"info_kv_bytes_per_token_short_context": kv_bytes_per_token(config, 4),
             "info_kv_bytes_at_context": kv_bytes(config, n_tokens, 4),
             "info_kv_bytes_per_token_at_context": kv_bytes(config, n_tokens, 4) / n_tokens,
+            "info_engine_kv_bytes_at_context": kv_bytes(config, n_tokens, 4, chunk),
             "engine_expected_peak_bytes": engine}
 
 
@@ -93,7 +94,8 @@ def main() -> None:
         print(f"KV bytes per token, full fp32 cache at {len(ids)} tokens: leanfm info formula "
               f"{f['info_kv_bytes_per_token_at_context']:.0f} B (short context: {f['info_kv_bytes_per_token_short_context']} B),"
               f" engine measured {measured / len(ids):.0f} B (expected from blocks: {f['engine_expected_peak_bytes'] / len(ids):.0f} B;"
-              f" ratio measured/formula {measured / f['info_kv_bytes_at_context']:.3f})")
+              f" ratio measured/formula {measured / f['info_kv_bytes_at_context']:.3f}; against leanfm info's engine"
+              f" line (sliding layers hold window + chunk) {measured / f['info_engine_kv_bytes_at_context']:.3f})")
     out["loadavg_end"] = os.getloadavg()
     print(json.dumps(out, indent=1) if args.json is None else f"wrote {args.json}")
     if args.json:

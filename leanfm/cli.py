@@ -181,7 +181,10 @@ def info(model: ModelOpt = "gemma-3-270m", dtype: DtypeOpt = "float32") -> None:
         from leanfm.checkpoint.artifact import describe
 
         measured, extra = describe(source)
-    typer.echo(format_info(config, DTYPES[dtype], source, measured=measured))
+    from leanfm.engine.config import EngineConfig
+
+    chunk = EngineConfig.__dataclass_fields__["max_num_batched_tokens"].default
+    typer.echo(format_info(config, DTYPES[dtype], source, measured=measured, engine_chunk=chunk))
     if extra:
         typer.echo(extra)
 

@@ -77,14 +77,17 @@ def flops_per_token(c: ModelConfig, context: int = 0) -> int:
     return matmul + attn
 
 
-def kv_bytes(c: ModelConfig, context: int, bytes_per_elem: int = 4) -> int:
-    """KV-cache bytes to hold `context` tokens, with sliding-window layers keeping only their window."""
+def kv_bytes(c: ModelConfig, context: int, bytes_per_elem: int = 4, chunk: int = 0) -> int:
+    """KV-cache bytes to hold `context` tokens, with sliding-window layers keeping only their window.
+
+    chunk > 0: prefill runs in chunks of that many tokens (the serving engine), so a sliding layer also
+    holds the chunk being computed: window - 1 + chunk tokens (before rounding up to whole blocks)."""
     per_layer_token = 2 * c.num_key_value_heads * c.head_dim * bytes_per_elem
     total = 0
     for i in range(c.num_hidden_layers):
         tokens = context
         if c.layer_is_sliding(i):
-            tokens = min(context, c.sliding_window)
+            tokens = min(context, c.sliding_window + max(0, chunk - 1))
         total += tokens * per_layer_token
     return total
 

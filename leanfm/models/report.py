@@ -19,9 +19,10 @@ def _size(n: float) -> str:
 
 
 def format_info(c: ModelConfig, dtype: str = "float32", source: Path | str = "",
-                measured: dict[str, dict[str, int]] | None = None) -> str:
+                measured: dict[str, dict[str, int]] | None = None, engine_chunk: int = 0) -> str:
     """`measured`: a compressed model's real {component: {"params", "bytes"}} (models.footprint); the
-    table then shows stored bytes and bits per weight instead of params x dtype size."""
+    table then shows stored bytes and bits per weight instead of params x dtype size. `engine_chunk`: the
+    serving engine's prefill chunk (tokens per step), for its KV footprint with sliding layers."""
     bpp = BYTES_PER_PARAM[dtype]
     p = param_breakdown(c)
     sliding = sum(c.layer_is_sliding(i) for i in range(c.num_hidden_layers))
@@ -45,6 +46,9 @@ def format_info(c: ModelConfig, dtype: str = "float32", source: Path | str = "",
         f"{_size(kv_bytes(c, 1024, bpp))} per 1k context; {_size(kv_bytes(c, 8192, bpp))} per 8k "
         "(sliding layers hold only their window)",
     ]
+    if engine_chunk and any(c.layer_is_sliding(i) for i in range(c.num_hidden_layers)):
+        lines.append(f"             serving engine (prefill chunks of {engine_chunk} tokens; sliding layers also hold "
+                     f"the chunk): {_size(kv_bytes(c, 8192, bpp, engine_chunk))} per 8k")
     return "\n".join(lines)
 
 

@@ -39,6 +39,9 @@ def test_gemma3_270m_known_figures():
     assert kv_bytes_per_token(GEMMA3_270M, 4) == 18 * 256 * 2 * 4
     # at 1k context: 3 global layers keep 1024 tokens, 15 sliding layers keep 512
     assert kv_bytes(GEMMA3_270M, 1024, 4) == (3 * 1024 + 15 * 512) * 256 * 2 * 4
+    # the serving engine's chunked prefill: a sliding layer also holds the chunk (window - 1 + chunk keys)
+    assert kv_bytes(GEMMA3_270M, 4096, 4, chunk=512) == (3 * 4096 + 15 * 1023) * 256 * 2 * 4
+    assert kv_bytes(GEMMA3_270M, 600, 4, chunk=512) == 18 * 600 * 256 * 2 * 4
     assert flops_per_token(GEMMA3_270M, 1024) > flops_per_token(GEMMA3_270M, 0)
 
 
@@ -46,3 +49,11 @@ def test_format_info_mentions_components():
     text = format_info(GEMMA3_270M, "float32", "gemma-3-270m")
     for word in ("embedding", "attention", "ffn", "norms", "head", "FLOPs/token", "KV cache", "per 1k"):
         assert word in text
+
+
+def test_format_info_engine_kv_line():
+    plain = format_info(GEMMA3_270M, "float32", "gemma-3-270m")
+    text = format_info(GEMMA3_270M, "float32", "gemma-3-270m", engine_chunk=512)
+    assert "serving engine" not in plain and "prefill chunks of 512 tokens" in text
+    expected = (3 * 8192 + 15 * 1023) * 256 * 2 * 4
+    assert f"{expected / 2**20:.1f} MiB per 8k" in text
