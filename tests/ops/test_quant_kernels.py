@@ -293,3 +293,16 @@ def test_row_result_independent_of_row_count(built, bits, mode):
         torch.testing.assert_close(many, ref, rtol=1e-5, atol=tol)
     finally:
         quant.set_activation_mode(old)
+
+
+def test_int8_activations_keep_gradients_in_training():
+    """Rounding x has no gradient, so with autograd recording through x the GEMM path keeps fp32 x."""
+    old = quant.set_activation_mode("int8")
+    try:
+        qw, s, z, _ = make_quant(8, 64, 8, 32, seed=3)
+        x = torch.randn(kernels.max_rows() + 1, 64, requires_grad=True)
+        linear_quant(x, qw, s, z, 8, 32).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        torch.testing.assert_close(x.grad, dequantize(qw, s, z, 8, 32).sum(0).expand_as(x))
+    finally:
+        quant.set_activation_mode(old)

@@ -31,7 +31,8 @@ F.linear in fp32, cast to x's dtype.
 
 Activation mode (LEANFM_QUANT_ACT, or set_activation_mode). It holds for every row count: the
 fallback path rounds x the same way before its GEMM (when K % 32 == 0), so a request's result does
-not depend on whether its rows went through the kernel (decode) or the GEMM (prefill):
+not depend on whether its rows went through the kernel (decode) or the GEMM (prefill). Where autograd
+records through x (training adapters on a quantized base) x stays fp32, as rounding has no gradient:
   * "fp32": x as is; codes are converted to floats and multiplied in fp32 (compute-bound, ~15 GB/s).
   * "int8": x quantized once per call to int8 per block of 32 values (llama.cpp's Q8_0 for
     activations: scale = max|x| / 127, codes round(x / scale)), then integer dot products with the
@@ -184,7 +185,8 @@ def _dequant_linear(x, qweight, scales, zeros, bits, group_size, bias):
     does not depend on how many rows share the call."""
     dtype = x.dtype if x.dtype in (_FP32, _BF16) else _FP32
     ns = _fast_prefill_ops(x, qweight, bits, group_size)
-    int8_act = (_act if _act is not None else activation_code()) == 1 and x.shape[-1] % 32 == 0
+    training = torch.is_grad_enabled() and x.requires_grad  # rounding has no gradient: keep fp32 there
+    int8_act = (_act if _act is not None else activation_code()) == 1 and x.shape[-1] % 32 == 0 and not training
     if int8_act:
         xd = (ns.quantize_act_q8(x) if ns is not None else quantize_activations_q8(x)).to(dtype)
     else:
