@@ -6,9 +6,10 @@
 // outer product: per k, one weight value per weight row is broadcast and multiplied into the 1 or 2
 // x vectors (12 weight rows x 8 x rows, or 6 x 16: 12 accumulators, 3-4 loads per 12 fmas).
 //
-// Measured (2 threads, fp32 GFLOP/s, weights streamed from DRAM, dot-product tiles -> this file):
-// gemma's 640 -> 262144 head 65 -> 121 at 16 rows, 57 -> 67 at 8; 640 -> 2048 72 -> 99 at 16 rows,
-// 68 -> 119 at 32; at 4 rows and fewer both are equal, so those stay with the dot-product tiles.
+// Measured (2 threads, fp32 GFLOP/s, dot-product tiles -> this file): gemma's 640 -> 262144 head
+// (streamed from DRAM) 65 -> 130 at 16 rows, 57 -> 67 at 8; 640 -> 2048 73-78 -> 127-140 at 16 rows;
+// benchmarks/bench_gemv.py --rows 16 --dtypes fp32 --quant "": a decode step's linears 85 ms against
+// torch's 255. At 4 rows and fewer both tiles are equal, so those stay with the dot-product tiles.
 //
 // Each output is one fma chain over k in order (the dot-product tiles sum 8 lanes, then across them),
 // so results differ from the few-row path by fp32 rounding.
