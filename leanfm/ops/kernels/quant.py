@@ -62,7 +62,6 @@ _FP32, _BF16, _U8 = torch.float32, torch.bfloat16, torch.uint8
 _CHUNK_WEIGHTS = 1 << 22  # dequantize at most this many weights at a time (16 MB of fp32)
 _qops: dict[int, object] | None = None  # bits -> torch op, {} if the library is unavailable
 _act: int | None = None  # the activation mode's code, read from LEANFM_QUANT_ACT on first use
-_ns = None  # torch.ops.leanfm_kernels once loaded, False if the library is unavailable
 
 
 def activation_code() -> int:
@@ -169,14 +168,9 @@ def _fast_prefill_ops(x: Tensor, qweight: Tensor, bits: int, group_size: int):
         return None
     if not (x.is_cpu and qweight.is_cpu) or (torch.is_grad_enabled() and x.requires_grad):
         return None
-    return _ops_ns() or None
+    from leanfm.ops.kernels import fused  # holds the op namespace, loaded once for all kernel modules
 
-
-def _ops_ns():
-    global _ns
-    if _ns is None:
-        _ns = torch.ops.leanfm_kernels if _build.load() else False
-    return _ns
+    return (fused._ns if fused._ns is not None else fused._load()) or None
 
 
 def _dequant_linear(x, qweight, scales, zeros, bits, group_size, bias):

@@ -19,6 +19,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
+#include "q8_block.h"
+
 namespace leanfm_kernels {
 namespace {
 
@@ -55,19 +57,10 @@ void dequant_rows(const uint8_t* q, const float* scales, const float* zeros, int
 }
 
 void quantize_rows(const float* x, float* y, int64_t blocks0, int64_t blocks1) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
   for (int64_t b = blocks0; b < blocks1; ++b) {
-    const float* xb = x + b * 32;
-    __m256 v[4], amax = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(xb + 8 * j);
-      amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
-    }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    const float d = _mm_cvtss_f32(h) / 127.0f;
+    __m256 v[4];
+    const float d = q8_block_load(x + b * 32, v);
     const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f), dv = _mm256_set1_ps(d);
     for (int j = 0; j < 4; ++j) {  // round half to even, like torch.round
       const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -27,6 +27,7 @@
 #pragma GCC target("avx2,fma")
 
 #include "blocking.h"
+#include "q8_block.h"
 
 namespace leanfm_kernels {
 namespace {
@@ -195,22 +196,13 @@ inline void run(const QuantArgs& a, int64_t n0, int64_t n1) {
 void quant_prepare_xq(const float* x, int64_t M, int64_t K, int64_t group_size, int8_t* xq,
                       float* xd, float* xsum) {
   const int64_t G = K / group_size, subs = group_size / 32;
-  const __m256 sign_off = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       float gsum = 0.0f;
       for (int64_t sb = 0; sb < subs; ++sb) {
         const int64_t kb = g * subs + sb;
-        const float* xb = x + m * K + kb * 32;
-        __m256 v[4], amax = _mm256_setzero_ps();
-        for (int j = 0; j < 4; ++j) {
-          v[j] = _mm256_loadu_ps(xb + 8 * j);
-          amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], sign_off));
-        }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float d = _mm_cvtss_f32(h) / 127.0f;
+        __m256 v[4];
+        const float d = q8_block_load(x + m * K + kb * 32, v);
         const float id = d > 0.0f ? 1.0f / d : 0.0f;
         __m256i qi[4], isum = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j) {  // round half to even (MXCSR default), |q| <= 127
